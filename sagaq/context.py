@@ -1,0 +1,42 @@
+"""What a step's code receives: its identity, its idempotency key, and the saga so far."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from sagaq.machine import Direction
+
+
+@dataclass
+class StepContext:
+    """Handed to every action, compensation and verify as their first argument.
+
+    ``idempotency_key`` is the key to send to the external system: the same for every retry
+    and redelivery of this step, different for its compensation, different in every saga.
+    ``checkpoint`` is the saga's own JSON dict; what a step writes into it is saved with the
+    step's result, in the same transaction, and seen by every later step.
+    """
+
+    saga_id: str
+    saga: str
+    step: str
+    direction: Direction
+    idempotency_key: str
+    attempt: int
+    input: Any
+    results: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    checkpoint: dict[str, Any] = field(default_factory=dict)
+    result: Any = None  # for a compensation (or verify): the forward result being undone
+    worker: str | None = None
+    task_id: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.idempotency_key
+
+    @property
+    def compensating(self) -> bool:
+        return self.direction is Direction.COMPENSATE

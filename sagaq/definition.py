@@ -1,0 +1,394 @@
+"""Saga definitions: ordered steps, their kinds, and the rules their order must follow.
+
+A definition is declared once, at import time, in app code::
+
+    provision = Saga("provision_agent")
+
+    @provision.step(compensate="delete_identity", verify="identity_exists")
+    def create_identity(ctx, inp): ...
+
+    @provision.compensation
+    def delete_identity(ctx, inp): ...
+
+Every rule that can be checked when a step is added is checked then, so a bad definition
+fails on import with a :class:`~sagaq.errors.DefinitionError` naming the saga, the step and
+the rule. Names given as strings (``compensate="delete_identity"``) are resolved when the
+saga is *sealed*: on first use (enqueue, worker start) or by calling :meth:`Saga.seal`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any, overload
+
+from sagaq.errors import DefinitionError, UnknownSagaError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from sagaq.context import StepContext
+
+Action = Callable[["StepContext", Any], Any]
+Verify = Callable[["StepContext", Any], bool]
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class StepKind(str, Enum):
+    """Where a step stands relative to the point of no return."""
+
+    COMPENSABLE = "compensable"  # undoable; comes first
+    PIVOT = "pivot"  # the point of no return; at most one
+    RETRYABLE = "retryable"  # after the pivot; idempotent, retried until it succeeds
+    NONCOMPENSABLE = "noncompensable"  # cannot be undone; comes last
+
+
+@dataclass(frozen=True)
+class Step:
+    """One forward action, its way back (or the reason there is none), and its read-back."""
+
+    saga: str
+    name: str
+    index: int
+    action: Action
+    kind: StepKind = StepKind.COMPENSABLE
+    compensate: Action | None = None
+    compensate_name: str | None = None
+    verify: Verify | None = None
+    verify_name: str | None = None
+    at_most_once: bool = False
+    no_rollback: str | None = None
+    side_effect: bool = True
+    retries: int | None = None  # None: the settings' default for the kind
+    timeout: float | None = None  # seconds the action may run; None: the settings' default
+
+    @property
+    def task_name(self) -> str:
+        return f"sagaq.{self.saga}.{self.name}"
+
+    @property
+    def compensate_task_name(self) -> str | None:
+        return f"sagaq.{self.saga}.{self.name}.compensate" if self.compensate_name else None
+
+    def structure(self) -> dict[str, Any]:
+        """The parts of the step that change what the engine does; hashed into the version."""
+        return {
+            "name": self.name,
+            "kind": self.kind.value,
+            "compensate": self.compensate_name,
+            "verify": self.verify_name,
+            "at_most_once": self.at_most_once,
+            "no_rollback": self.no_rollback,
+            "side_effect": self.side_effect,
+        }
+
+
+@dataclass
+class _Pending:
+    """A step as declared, before names are resolved."""
+
+    name: str
+    action: Action
+    kind: StepKind
+    compensate: str | Action | None
+    verify: str | Verify | None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Saga:
+    """A named, versioned, ordered list of steps."""
+
+    def __init__(self, name: str, *, registry: Registry | None = None) -> None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise DefinitionError(
+                str(name), None, "a saga name is letters, digits and underscores, not a digit first"
+            )
+        self.name = name
+        self._pending: list[_Pending] = []
+        self._helpers: dict[str, Callable[..., Any]] = {}
+        self._steps: tuple[Step, ...] | None = None
+        self._lock = threading.Lock()
+        (registry if registry is not None else sagas).add(self)
+
+    def __repr__(self) -> str:
+        return f"<Saga {self.name} steps={[p.name for p in self._pending]}>"
+
+    # -- declaring ---------------------------------------------------------------------
+
+    @overload
+    def step(self, fn: Action, /) -> Action: ...
+
+    @overload
+    def step(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        kind: StepKind | str = StepKind.COMPENSABLE,
+        compensate: str | Action | None = None,
+        verify: str | Verify | None = None,
+        at_most_once: bool = False,
+        no_rollback: str | None = None,
+        side_effect: bool = True,
+        retries: int | None = None,
+        timeout: float | None = None,
+    ) -> Callable[[Action], Action]: ...
+
+    def step(
+        self,
+        fn: Action | None = None,
+        /,
+        *,
+        name: str | None = None,
+        kind: StepKind | str = StepKind.COMPENSABLE,
+        compensate: str | Action | None = None,
+        verify: str | Verify | None = None,
+        at_most_once: bool = False,
+        no_rollback: str | None = None,
+        side_effect: bool = True,
+        retries: int | None = None,
+        timeout: float | None = None,
+    ) -> Action | Callable[[Action], Action]:
+        """Declare the next step; use as ``@saga.step`` or ``@saga.step(...)``."""
+
+        def add(action: Action) -> Action:
+            self._add(
+                name or getattr(action, "__name__", ""),
+                action,
+                kind=kind,
+                compensate=compensate,
+                verify=verify,
+                at_most_once=at_most_once,
+                no_rollback=no_rollback,
+                side_effect=side_effect,
+                retries=retries,
+                timeout=timeout,
+            )
+            return action
+
+        return add(fn) if fn is not None else add
+
+    def compensation(self, fn: Action) -> Action:
+        """Register a compensation that steps name with ``compensate="..."``."""
+        return self._helper(fn)
+
+    def verifier(self, fn: Verify) -> Verify:
+        """Register a read-back that steps name with ``verify="..."``."""
+        return self._helper(fn)
+
+    def _helper(self, fn: Callable[..., Any]) -> Any:
+        name = getattr(fn, "__name__", "")
+        if not callable(fn) or not _NAME.match(name):
+            raise DefinitionError(self.name, None, f"{fn!r} is not a named function")
+        if name in self._helpers and self._helpers[name] is not fn:
+            raise DefinitionError(self.name, None, f"two helpers are named {name!r}")
+        self._helpers[name] = fn
+        return fn
+
+    def _add(
+        self,
+        name: str,
+        action: Action,
+        *,
+        kind: StepKind | str,
+        compensate: str | Action | None,
+        verify: str | Verify | None,
+        **options: Any,
+    ) -> None:
+        if self._steps is not None:
+            raise DefinitionError(
+                self.name, name, "the saga is already sealed (in use); declare steps at import"
+            )
+        if not _NAME.match(name):
+            raise DefinitionError(
+                self.name, name or None, "a step name is letters, digits and underscores"
+            )
+        if not callable(action):
+            raise DefinitionError(self.name, name, "the step's action is not callable")
+        if any(p.name == name for p in self._pending):
+            raise DefinitionError(self.name, name, "step names must be unique")
+        try:
+            step_kind = StepKind(kind)
+        except ValueError:
+            kinds = ", ".join(k.value for k in StepKind)
+            raise DefinitionError(self.name, name, f"unknown kind {kind!r} (one of {kinds})") from None
+        _check_options(self.name, name, step_kind, compensate, options)
+        _check_order(self.name, name, step_kind, [p.kind for p in self._pending])
+        self._pending.append(_Pending(name, action, step_kind, compensate, verify, options))
+
+    # -- using -------------------------------------------------------------------------
+
+    def seal(self) -> tuple[Step, ...]:
+        """Resolve helper names and freeze the step list; idempotent."""
+        with self._lock:
+            if self._steps is None:
+                if not self._pending:
+                    raise DefinitionError(self.name, None, "a saga needs at least one step")
+                self._steps = tuple(self._resolve(i, p) for i, p in enumerate(self._pending))
+            return self._steps
+
+    def _resolve(self, index: int, p: _Pending) -> Step:
+        compensate, compensate_name = self._lookup(p.name, p.compensate, "compensation")
+        verify, verify_name = self._lookup(p.name, p.verify, "verifier")
+        return Step(
+            saga=self.name,
+            name=p.name,
+            index=index,
+            action=p.action,
+            kind=p.kind,
+            compensate=compensate,
+            compensate_name=compensate_name,
+            verify=verify,
+            verify_name=verify_name,
+            **p.options,
+        )
+
+    def _lookup(
+        self, step: str, ref: str | Callable[..., Any] | None, what: str
+    ) -> tuple[Any, str | None]:
+        if ref is None:
+            return None, None
+        if isinstance(ref, str):
+            if ref not in self._helpers:
+                raise DefinitionError(
+                    self.name,
+                    step,
+                    f"{what} {ref!r} is not defined (decorate it with @{self.name}.{what})",
+                )
+            return self._helpers[ref], ref
+        if not callable(ref):
+            raise DefinitionError(self.name, step, f"{what} {ref!r} is neither a name nor callable")
+        return ref, getattr(ref, "__name__", what)
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        return self.seal()
+
+    def step_named(self, name: str) -> Step:
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise UnknownSagaError(
+            f"saga {self.name!r} has no step {name!r}", saga=self.name, step=name
+        )
+
+    @property
+    def pivot_index(self) -> int | None:
+        """Index of the point of no return: the pivot, else the first non-compensable step."""
+        for s in self.steps:
+            if s.kind is not StepKind.COMPENSABLE:
+                return s.index
+        return None
+
+    @property
+    def version(self) -> str:
+        """A stable hash of the structure; recorded on every saga this definition starts."""
+        body = json.dumps(
+            {"saga": self.name, "steps": [s.structure() for s in self.steps]}, sort_keys=True
+        )
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+    def enqueue(
+        self,
+        input: Mapping[str, Any] | None = None,
+        *,
+        key: str | None = None,
+        session: Session | None = None,
+    ) -> str:
+        """Start a run of this saga on the default runtime; returns the saga id."""
+        from sagaq.runtime import default_runtime
+
+        return default_runtime().engine.enqueue(self, input, key=key, session=session)
+
+
+def _check_options(
+    saga: str,
+    step: str,
+    kind: StepKind,
+    compensate: object,
+    options: dict[str, Any],
+) -> None:
+    no_rollback = options.get("no_rollback")
+    if no_rollback is not None and (not isinstance(no_rollback, str) or not no_rollback.strip()):
+        raise DefinitionError(saga, step, "no_rollback must be a non-empty reason")
+    if compensate is not None and kind is not StepKind.COMPENSABLE:
+        raise DefinitionError(
+            saga, step, f"only compensable steps take a compensation; this one is {kind.value}"
+        )
+    if compensate is not None and no_rollback is not None:
+        raise DefinitionError(saga, step, "give compensate or no_rollback, not both")
+    if (
+        kind is StepKind.COMPENSABLE
+        and options.get("side_effect", True)
+        and compensate is None
+        and no_rollback is None
+    ):
+        raise DefinitionError(
+            saga,
+            step,
+            "a step with side effects needs compensate=... or no_rollback='reason' "
+            "(or side_effect=False if it only reads)",
+        )
+    retries = options.get("retries")
+    if retries is not None and (not isinstance(retries, int) or retries < 0):
+        raise DefinitionError(saga, step, "retries must be a whole number >= 0")
+    timeout = options.get("timeout")
+    if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+        raise DefinitionError(saga, step, "timeout must be a positive number of seconds")
+
+
+def _check_order(saga: str, step: str, kind: StepKind, before: list[StepKind]) -> None:
+    seen = set(before)
+    if kind is StepKind.COMPENSABLE and seen - {StepKind.COMPENSABLE}:
+        raise DefinitionError(
+            saga, step, "compensable steps come before the pivot and any step that cannot be undone"
+        )
+    if kind is StepKind.PIVOT and StepKind.PIVOT in seen:
+        raise DefinitionError(saga, step, "a saga has at most one pivot")
+    if kind is StepKind.PIVOT and seen & {StepKind.RETRYABLE, StepKind.NONCOMPENSABLE}:
+        raise DefinitionError(saga, step, "the pivot comes before retryable and noncompensable steps")
+    if kind is StepKind.RETRYABLE and StepKind.PIVOT not in seen:
+        raise DefinitionError(saga, step, "retryable steps come after the pivot")
+    if kind is not StepKind.NONCOMPENSABLE and StepKind.NONCOMPENSABLE in seen:
+        raise DefinitionError(saga, step, "noncompensable steps come last")
+
+
+class Registry:
+    """The saga definitions a process knows, by name."""
+
+    def __init__(self) -> None:
+        self._sagas: dict[str, Saga] = {}
+        self._lock = threading.Lock()
+
+    def add(self, saga: Saga) -> None:
+        with self._lock:
+            if saga.name in self._sagas and self._sagas[saga.name] is not saga:
+                raise DefinitionError(saga.name, None, "another saga already has this name")
+            self._sagas[saga.name] = saga
+
+    def get(self, name: str) -> Saga:
+        try:
+            return self._sagas[name]
+        except KeyError:
+            known = ", ".join(sorted(self._sagas)) or "none (import the module that defines it)"
+            raise UnknownSagaError(f"no saga named {name!r}; known: {known}", saga=name) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._sagas
+
+    def __iter__(self) -> Iterator[Saga]:
+        return iter(list(self._sagas.values()))
+
+    def __len__(self) -> int:
+        return len(self._sagas)
+
+
+sagas = Registry()
+"""The process-wide registry every :class:`Saga` joins unless given another."""

@@ -1,0 +1,19 @@
+"""Idempotency keys: structural, stable across retries, never derived from model output."""
+
+from __future__ import annotations
+
+import hashlib
+
+from sagaq.machine import Direction
+
+
+def idempotency_key(saga_id: str, step: str, direction: Direction | str = Direction.FORWARD) -> str:
+    """``sha256(saga_id:step:action)`` forward, ``sha256(saga_id:step:action:compensate)`` back.
+
+    The action is the step's name: renaming the Python function behind a step does not change
+    the key, so a retry after a deploy still lands once.
+    """
+    parts = [saga_id, step, step]
+    if Direction(direction) is Direction.COMPENSATE:
+        parts.append("compensate")
+    return hashlib.sha256(":".join(parts).encode()).hexdigest()

@@ -1,0 +1,90 @@
+"""Wiring: settings → store, engine, Celery app. One default runtime per process."""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from typing import TYPE_CHECKING
+
+from sagaq.definition import Registry, sagas
+from sagaq.engine import Engine
+from sagaq.errors import ConfigurationError
+from sagaq.settings import Settings
+from sagaq.store import Store
+from sagaq.store.database import create_engine
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+
+class Runtime:
+    """Everything one process needs to enqueue and run sagas."""
+
+    def __init__(self, settings: Settings, *, registry: Registry = sagas) -> None:
+        self.settings = settings
+        self.registry = registry
+        import_modules(settings.imports)
+        self.store = Store(
+            create_engine(
+                settings.database_url,
+                pool_size=settings.pool_size,
+                max_overflow=settings.max_overflow,
+            )
+        )
+        self._app: Celery | None = None
+        self._lock = threading.Lock()
+        from sagaq.worker import CeleryPublisher
+
+        self.engine = Engine(
+            self.store,
+            settings,
+            publish=CeleryPublisher(lambda: self.app, settings.queue),
+            registry=registry,
+        )
+
+    @property
+    def app(self) -> Celery:
+        """The Celery app, with a task for every step of every known saga."""
+        with self._lock:
+            if self._app is None:
+                from sagaq.worker import create_app
+
+                self._app = create_app(self)
+            return self._app
+
+    def close(self) -> None:
+        if self._app is not None:
+            self._app.close()
+        self.store.dispose()
+
+
+def import_modules(modules: tuple[str, ...] | list[str]) -> None:
+    """Import the modules that define sagas; a missing one names SAGAQ_IMPORTS."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"SAGAQ_IMPORTS names {name!r}, which cannot be imported: {exc}"
+            ) from exc
+
+
+_default: Runtime | None = None
+_default_lock = threading.Lock()
+
+
+def configure(settings: Settings | None = None) -> Runtime:
+    """Make a runtime from ``settings`` (default: the environment) the process default."""
+    global _default
+    with _default_lock:
+        if _default is not None:
+            _default.close()
+        _default = Runtime(settings or Settings.from_env())
+        return _default
+
+
+def default_runtime() -> Runtime:
+    """The process default runtime, built from ``SAGAQ_*`` variables on first use."""
+    with _default_lock:
+        runtime = _default
+    return runtime if runtime is not None else configure()

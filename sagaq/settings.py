@@ -1,0 +1,84 @@
+"""Settings, read from ``SAGAQ_*`` environment variables; a bad value names its variable."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from sagaq.errors import ConfigurationError
+
+DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/sagaq"
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a process needs to run sagas. Build with :meth:`from_env` or directly."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    broker_url: str = DEFAULT_BROKER_URL
+    imports: tuple[str, ...] = ()  # modules that define sagas; imported by workers
+    queue: str = "sagaq"
+    redis_prefix: str = ""  # kombu global_keyprefix: a private key space on a shared Redis
+    visibility_timeout: float = 3600.0  # Redis redelivers unacked messages after this
+    step_timeout: float = 300.0  # default time a step may run; its lease is a bit longer
+    lease_margin: float = 30.0
+    retries: int = 3  # default retries of a failing step before the pivot
+    retryable_retries: int = 10  # default retries of a retryable step after the pivot
+    compensation_retries: int = 3
+    retry_base: float = 1.0  # seconds; backoff doubles per attempt
+    retry_cap: float = 30.0
+    pool_size: int = 2  # per process: connections ≈ concurrency × (pool + overflow)
+    max_overflow: int = 2
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            var = "SAGAQ_" + f.name.upper()
+            if var in env and env[var] != "":
+                values[f.name] = _parse(var, env[var], f.type)
+        values.update(overrides)
+        return cls(**values).validated()
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes).validated()
+
+    def validated(self) -> Settings:
+        if self.step_timeout + self.lease_margin >= self.visibility_timeout:
+            raise ConfigurationError(
+                "SAGAQ_STEP_TIMEOUT + SAGAQ_LEASE_MARGIN must stay below "
+                f"SAGAQ_VISIBILITY_TIMEOUT ({self.step_timeout:g} + {self.lease_margin:g} >= "
+                f"{self.visibility_timeout:g}), or Redis redelivers running steps"
+            )
+        if self.retry_base <= 0 or self.retry_cap < self.retry_base:
+            raise ConfigurationError("SAGAQ_RETRY_BASE must be > 0 and <= SAGAQ_RETRY_CAP")
+        for name in ("retries", "retryable_retries", "compensation_retries", "pool_size"):
+            if getattr(self, name) < 0:
+                raise ConfigurationError(f"SAGAQ_{name.upper()} must be >= 0")
+        return self
+
+
+def _parse(var: str, raw: str, kind: Any) -> Any:
+    kind = str(kind)
+    try:
+        if kind.startswith("tuple"):
+            return tuple(p.strip() for p in raw.split(",") if p.strip())
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{var}={raw!r} is not a valid {kind}") from None
+    return raw
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept plain ``postgresql://`` URLs and use psycopg 3 for them."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url

@@ -1,0 +1,25 @@
+"""Persistence: models, migrations and the named operations of :class:`Store`."""
+
+from sagaq.store.operations import Store
+from sagaq.store.records import (
+    Claim,
+    ClaimStatus,
+    Dispatch,
+    EventRecord,
+    NewRun,
+    Outcome,
+    SagaRecord,
+    StepRunRecord,
+)
+
+__all__ = [
+    "Claim",
+    "ClaimStatus",
+    "Dispatch",
+    "EventRecord",
+    "NewRun",
+    "Outcome",
+    "SagaRecord",
+    "Store",
+    "StepRunRecord",
+]

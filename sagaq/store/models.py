@@ -1,0 +1,174 @@
+"""Tables: sagas, step runs, events (the timeline) and the outbox.
+
+Portable between PostgreSQL (production, tests) and SQLite (the embedded demo). The
+indexes that matter for correctness and cost are partial: one active step run per saga,
+and "active sagas" indexes that never touch finished rows.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from sagaq.machine import ACTIVE_STEP, FINISHED
+
+_active_steps = "status IN ({})".format(", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STEP)))
+_active_sagas = "state NOT IN ({})".format(", ".join(f"'{s.value}'" for s in sorted(FINISHED)))
+
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite keeps no zone)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use datetime.now(UTC)")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class SagaModel(Base):
+    __tablename__ = "sagaq_sagas"
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200))
+    version: Mapped[str] = mapped_column(sa.String(64))
+    state: Mapped[str] = mapped_column(sa.String(32))
+    key: Mapped[str | None] = mapped_column(sa.String(255))
+    input: Mapped[Any] = mapped_column(Json)
+    checkpoint: Mapped[Any] = mapped_column(Json)
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        sa.UniqueConstraint("name", "key", name="uq_sagaq_sagas_name_key"),
+        sa.Index("ix_sagaq_sagas_created_at", "created_at"),
+        # Serves "active sagas" (ls --state running, the reconciler) without finished rows.
+        sa.Index(
+            "ix_sagaq_sagas_active",
+            "state",
+            "updated_at",
+            postgresql_where=sa.text(_active_sagas),
+            sqlite_where=sa.text(_active_sagas),
+        ),
+    )
+
+
+class StepRunModel(Base):
+    __tablename__ = "sagaq_step_runs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    saga_id: Mapped[str] = mapped_column(
+        sa.String(36), sa.ForeignKey("sagaq_sagas.id", ondelete="CASCADE")
+    )
+    step: Mapped[str] = mapped_column(sa.String(200))
+    step_index: Mapped[int] = mapped_column(sa.Integer)
+    direction: Mapped[str] = mapped_column(sa.String(16))
+    attempt: Mapped[int] = mapped_column(sa.Integer)
+    status: Mapped[str] = mapped_column(sa.String(16))
+    task_name: Mapped[str] = mapped_column(sa.String(450))
+    # The compensation this forward run will need if the saga rolls back: written when the
+    # run is scheduled, so it is part of the persisted plan before the action runs.
+    compensate_task: Mapped[str | None] = mapped_column(sa.String(450))
+    idempotency_key: Mapped[str] = mapped_column(sa.String(64))
+    message_id: Mapped[str] = mapped_column(sa.String(64))
+    worker: Mapped[str | None] = mapped_column(sa.String(255))
+    task_id: Mapped[str | None] = mapped_column(sa.String(255))
+    deliveries: Mapped[int] = mapped_column(sa.Integer, default=0)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    result: Mapped[Any] = mapped_column(Json, nullable=True)
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    error_type: Mapped[str | None] = mapped_column(sa.String(255))
+    scheduled_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        sa.Index("ix_sagaq_step_runs_saga_id", "saga_id", "id"),
+        # DESIGN §4.4: the database itself allows one scheduled-or-running run per saga.
+        sa.Index(
+            "uq_sagaq_step_runs_one_active",
+            "saga_id",
+            unique=True,
+            postgresql_where=sa.text(_active_steps),
+            sqlite_where=sa.text(_active_steps),
+        ),
+        sa.Index(
+            "ix_sagaq_step_runs_active",
+            "status",
+            "lease_expires_at",
+            postgresql_where=sa.text(_active_steps),
+            sqlite_where=sa.text(_active_steps),
+        ),
+    )
+
+
+class EventModel(Base):
+    __tablename__ = "sagaq_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    saga_id: Mapped[str] = mapped_column(
+        sa.String(36), sa.ForeignKey("sagaq_sagas.id", ondelete="CASCADE")
+    )
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    kind: Mapped[str] = mapped_column(sa.String(64))
+    step: Mapped[str | None] = mapped_column(sa.String(200))
+    step_run_id: Mapped[int | None] = mapped_column(BigId)
+    worker: Mapped[str | None] = mapped_column(sa.String(255))
+    task_id: Mapped[str | None] = mapped_column(sa.String(255))
+    message: Mapped[str] = mapped_column(sa.Text, default="")
+    data: Mapped[Any] = mapped_column(Json)
+
+    __table_args__ = (sa.Index("ix_sagaq_events_saga_id", "saga_id", "id"),)
+
+
+class OutboxModel(Base):
+    """Messages to publish. A row lives until its step run is claimed (or it is delivered)."""
+
+    __tablename__ = "sagaq_outbox"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    saga_id: Mapped[str | None] = mapped_column(
+        sa.String(36), sa.ForeignKey("sagaq_sagas.id", ondelete="CASCADE")
+    )
+    step_run_id: Mapped[int | None] = mapped_column(BigId, unique=True)
+    task_name: Mapped[str] = mapped_column(sa.String(450))
+    args: Mapped[Any] = mapped_column(Json)
+    message_id: Mapped[str] = mapped_column(sa.String(64))
+    available_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (sa.Index("ix_sagaq_outbox_available_at", "available_at"),)
+
+
+metadata = Base.metadata

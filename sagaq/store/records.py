@@ -1,0 +1,121 @@
+"""What the store hands back: frozen records, never sessions or ORM objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from sagaq.machine import Direction, SagaState, StepStatus
+
+
+@dataclass(frozen=True)
+class SagaRecord:
+    id: str
+    name: str
+    version: str
+    state: SagaState
+    key: str | None
+    input: Any
+    checkpoint: dict[str, Any]
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+    @property
+    def results(self) -> dict[str, Any]:
+        return dict(self.checkpoint.get("results", {}))
+
+
+@dataclass(frozen=True)
+class StepRunRecord:
+    id: int
+    saga_id: str
+    step: str
+    step_index: int
+    direction: Direction
+    attempt: int
+    status: StepStatus
+    task_name: str
+    compensate_task: str | None
+    idempotency_key: str
+    message_id: str
+    worker: str | None
+    task_id: str | None
+    deliveries: int
+    lease_expires_at: datetime | None
+    not_before: datetime | None
+    result: Any
+    error: str | None
+    error_type: str | None
+    scheduled_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    id: int
+    saga_id: str
+    at: datetime
+    kind: str
+    step: str | None
+    step_run_id: int | None
+    worker: str | None
+    task_id: str | None
+    message: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """A step run to schedule (the engine says what; the store writes it and its message)."""
+
+    step: str
+    step_index: int
+    direction: Direction
+    attempt: int
+    task_name: str
+    idempotency_key: str
+    compensate_task: str | None = None
+    delay: float = 0.0  # seconds before the message may run (a short backoff)
+    reason: str = ""  # why it is scheduled, for the timeline
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """A Celery message to publish once the transaction that wrote it has committed."""
+
+    task_name: str
+    args: tuple[str, int]  # (saga_id, step_run_id): ids only, never data
+    message_id: str
+    countdown: float = 0.0
+
+
+class ClaimStatus(str, Enum):
+    CLAIMED = "claimed"
+    FINISHED = "finished"  # the run already ended: a duplicate or a redelivery
+    BUSY = "busy"  # another worker holds a live lease
+    EXPIRED = "expired"  # running, lease expired: the outcome is unknown
+    MISSING = "missing"  # no such run (or saga)
+
+
+@dataclass(frozen=True)
+class Claim:
+    status: ClaimStatus
+    run: StepRunRecord | None = None
+    saga: SagaRecord | None = None
+    forward_result: Any = None  # for a compensation: the result of the step it undoes
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a write did: whether it won its guard, the saga's state after, what to publish."""
+
+    won: bool
+    state: SagaState | None = None
+    dispatches: list[Dispatch] = field(default_factory=list)
+    note: str = ""
+    entered: SagaState | None = None  # the state this write moved the saga into, if any

@@ -1,0 +1,101 @@
+"""Events of one transaction, written in one statement, and row → record mapping."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from sagaq.machine import Direction, SagaState, StepStatus
+from sagaq.store.models import EventModel
+from sagaq.store.records import EventRecord, SagaRecord, StepRunRecord
+
+
+class Timeline:
+    """Collects the events a transaction appends to a saga's timeline."""
+
+    def __init__(
+        self,
+        saga_id: str,
+        now: datetime,
+        *,
+        worker: str | None = None,
+        task_id: str | None = None,
+    ) -> None:
+        self.saga_id = saga_id
+        self.now = now
+        self.worker = worker
+        self.task_id = task_id
+        self.rows: list[dict[str, Any]] = []
+        self.entered: SagaState | None = None  # set by a lifecycle transition
+
+    def add(
+        self,
+        kind: str,
+        *,
+        step: str | None = None,
+        run_id: int | None = None,
+        message: str = "",
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        self.rows.append(
+            {
+                "saga_id": self.saga_id,
+                "at": self.now,
+                "kind": kind,
+                "step": step,
+                "step_run_id": run_id,
+                "worker": self.worker,
+                "task_id": self.task_id,
+                "message": message,
+                "data": data or {},
+            }
+        )
+
+    def run_event(
+        self, run: StepRunRecord, what: str, message: str = "", data: dict[str, Any] | None = None
+    ) -> None:
+        prefix = "step" if run.direction is Direction.FORWARD else "compensation"
+        self.add(
+            f"{prefix}.{what}",
+            step=run.step,
+            run_id=run.id,
+            message=message,
+            data={"attempt": run.attempt, **(data or {})},
+        )
+
+    def flush(self, conn: sa.Connection) -> None:
+        if self.rows:
+            conn.execute(sa.insert(EventModel.__table__), self.rows)
+            self.rows = []
+
+
+def saga_record(row: Any) -> SagaRecord:
+    m = row._mapping
+    return SagaRecord(
+        id=m["id"],
+        name=m["name"],
+        version=m["version"],
+        state=SagaState(m["state"]),
+        key=m["key"],
+        input=m["input"],
+        checkpoint=m["checkpoint"] or {},
+        error=m["error"],
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
+        finished_at=m["finished_at"],
+    )
+
+
+def step_run_record(row: Any) -> StepRunRecord:
+    m = dict(row._mapping)
+    m["direction"] = Direction(m["direction"])
+    m["status"] = StepStatus(m["status"])
+    return StepRunRecord(**m)
+
+
+def event_record(row: Any) -> EventRecord:
+    m = dict(row._mapping)
+    m["data"] = m["data"] or {}
+    return EventRecord(**m)

@@ -1,0 +1,169 @@
+"""Celery integration: the app factory, one task per step and per compensation, the publisher.
+
+The only module that imports Celery. Tasks are thin shims over :meth:`Engine.execute`;
+their arguments are ids only (``saga_id, step_run_id``) and their names say what runs
+(``sagaq.<saga>.<step>`` and ``sagaq.<saga>.<step>.compensate``), so Flower shows them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery, signals
+from celery.worker import WorkController
+
+from sagaq.definition import Registry, Saga, Step
+from sagaq.machine import Direction
+from sagaq.store import Dispatch
+
+if TYPE_CHECKING:
+    from sagaq.runtime import Runtime
+
+log = logging.getLogger("sagaq.worker")
+
+
+def celery_config(runtime: Runtime) -> dict[str, Any]:
+    s = runtime.settings
+    transport: dict[str, Any] = {"visibility_timeout": s.visibility_timeout}
+    if s.redis_prefix:
+        transport["global_keyprefix"] = s.redis_prefix
+    if s.broker_url.startswith("memory://"):
+        transport["polling_interval"] = 0.01  # in-process queue: poll often, it is cheap
+    return {
+        "broker_url": s.broker_url,
+        "broker_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        # JSON only, never pickle (DESIGN §4.11); arguments are ids only.
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_ignore_result": True,
+        # A message is acknowledged after the step ran; a killed child requeues it; one
+        # message per process at a time (DESIGN §9).
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": s.queue,
+        # Flower's live view.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+    }
+
+
+def create_app(runtime: Runtime, *, main: str = "sagaq") -> Celery:
+    """A Celery app with a task for every step of every saga in the runtime's registry."""
+    app = Celery(main, set_as_current=False)
+    app.conf.update(celery_config(runtime))
+    app.sagaq_runtime = runtime
+    for saga in runtime.registry:
+        register_saga(app, runtime, saga)
+
+    @signals.worker_process_init.connect(weak=False)
+    def _after_fork(**_: Any) -> None:
+        # Pooled connections were opened by the parent; the child must not share them.
+        runtime.store.dispose(close=False)
+
+    return app
+
+
+def register_saga(app: Celery, runtime: Runtime, saga: Saga) -> None:
+    for step in saga.steps:
+        _register(app, runtime, step, Direction.FORWARD)
+        if step.compensate is not None:
+            _register(app, runtime, step, Direction.COMPENSATE)
+
+
+def _register(app: Celery, runtime: Runtime, step: Step, direction: Direction) -> None:
+    name = step.task_name if direction is Direction.FORWARD else step.compensate_task_name
+    if name in app.tasks:
+        return
+    timeout = step.timeout or runtime.settings.step_timeout
+
+    def run(task: Any, saga_id: str, step_run_id: int) -> str:
+        worker = f"{task.request.hostname or 'local'}/{os.getpid()}"
+        return runtime.engine.execute(
+            str(saga_id), int(step_run_id), step=step, worker=worker, task_id=task.request.id
+        )
+
+    run.__name__ = run.__qualname__ = name.replace(".", "_")  # must be an identifier
+    run.__doc__ = f"{direction.value} of step {step.name!r} of saga {step.saga!r}"
+    app.task(
+        name=name,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        soft_time_limit=timeout,  # raises inside the step: a transient failure
+        time_limit=timeout + runtime.settings.lease_margin / 2,  # kills it: lease expires
+    )(run)
+
+
+class CeleryPublisher:
+    """Publishes dispatches with the message id the outbox row holds."""
+
+    def __init__(self, app: Callable[[], Celery], queue: str) -> None:
+        self._app = app
+        self._queue = queue
+
+    def __call__(self, dispatches: Sequence[Dispatch]) -> None:
+        app = self._app()
+        with app.producer_or_acquire() as producer:
+            for d in dispatches:
+                app.send_task(
+                    d.task_name,
+                    args=list(d.args),
+                    task_id=d.message_id,
+                    countdown=d.countdown or None,
+                    queue=self._queue,
+                    producer=producer,
+                )
+
+
+class _EmbeddedWorker(WorkController):  # type: ignore[misc]
+    """A worker that signals when its consumer is ready (for threads in one process)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.ready = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def on_consumer_ready(self, consumer: Any) -> None:
+        self.ready.set()
+
+
+@contextmanager
+def embedded_worker(
+    app: Celery,
+    *,
+    concurrency: int = 2,
+    pool: str = "threads",
+    hostname: str | None = None,
+    loglevel: str = "WARNING",
+) -> Iterator[WorkController]:
+    """Run a real Celery worker in a background thread of this process."""
+    app.finalize()
+    worker = _EmbeddedWorker(
+        app=app,
+        concurrency=concurrency,
+        pool=pool,
+        hostname=hostname or f"embedded-{os.getpid()}-{threading.get_ident()}@localhost",
+        loglevel=loglevel,
+        without_heartbeat=True,
+        without_mingle=True,
+        without_gossip=True,
+        queues=[app.conf.task_default_queue],
+        ready_callback=None,
+    )
+    thread = threading.Thread(target=worker.start, name="sagaq-worker", daemon=True)
+    thread.start()
+    if not worker.ready.wait(30):
+        raise RuntimeError("the embedded Celery worker did not start within 30 s")
+    try:
+        yield worker
+    finally:
+        worker.stop(in_sighandler=False)
+        thread.join(30)
