@@ -160,7 +160,7 @@ class Saga:
 
         def add(action: Action) -> Action:
             self._add(
-                name or getattr(action, "__name__", ""),
+                name or str(getattr(action, "__name__", "")),
                 action,
                 kind=kind,
                 compensate=compensate,
@@ -177,20 +177,21 @@ class Saga:
 
     def compensation(self, fn: Action) -> Action:
         """Register a compensation that steps name with ``compensate="..."``."""
-        return self._helper(fn)
+        self._helper(fn)
+        return fn
 
     def verifier(self, fn: Verify) -> Verify:
         """Register a read-back that steps name with ``verify="..."``."""
-        return self._helper(fn)
+        self._helper(fn)
+        return fn
 
-    def _helper(self, fn: Callable[..., Any]) -> Any:
+    def _helper(self, fn: Callable[..., Any]) -> None:
         name = getattr(fn, "__name__", "")
         if not callable(fn) or not _NAME.match(name):
             raise DefinitionError(self.name, None, f"{fn!r} is not a named function")
         if name in self._helpers and self._helpers[name] is not fn:
             raise DefinitionError(self.name, None, f"two helpers are named {name!r}")
         self._helpers[name] = fn
-        return fn
 
     def _add(
         self,
@@ -218,7 +219,9 @@ class Saga:
             step_kind = StepKind(kind)
         except ValueError:
             kinds = ", ".join(k.value for k in StepKind)
-            raise DefinitionError(self.name, name, f"unknown kind {kind!r} (one of {kinds})") from None
+            raise DefinitionError(
+                self.name, name, f"unknown kind {kind!r} (one of {kinds})"
+            ) from None
         _check_options(self.name, name, step_kind, compensate, options)
         _check_order(self.name, name, step_kind, [p.kind for p in self._pending])
         self._pending.append(_Pending(name, action, step_kind, compensate, verify, options))
@@ -353,7 +356,9 @@ def _check_order(saga: str, step: str, kind: StepKind, before: list[StepKind]) -
     if kind is StepKind.PIVOT and StepKind.PIVOT in seen:
         raise DefinitionError(saga, step, "a saga has at most one pivot")
     if kind is StepKind.PIVOT and seen & {StepKind.RETRYABLE, StepKind.NONCOMPENSABLE}:
-        raise DefinitionError(saga, step, "the pivot comes before retryable and noncompensable steps")
+        raise DefinitionError(
+            saga, step, "the pivot comes before retryable and noncompensable steps"
+        )
     if kind is StepKind.RETRYABLE and StepKind.PIVOT not in seen:
         raise DefinitionError(saga, step, "retryable steps come after the pivot")
     if kind is not StepKind.NONCOMPENSABLE and StepKind.NONCOMPENSABLE in seen:

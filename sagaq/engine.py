@@ -31,7 +31,7 @@ from sagaq.keys import idempotency_key
 from sagaq.ladder import Then
 from sagaq.machine import Direction, SagaState, StepStatus
 from sagaq.settings import Settings
-from sagaq.store import ClaimStatus, Dispatch, NewRun, Outcome, SagaRecord, Store, StepRunRecord
+from sagaq.store import ClaimStatus, Dispatch, NewRun, Outcome, SagaRecord, StepRunRecord, Store
 
 log = logging.getLogger("sagaq.engine")
 
@@ -92,7 +92,7 @@ class Engine:
             raise InputError("key must be a non-empty string of at most 255 characters")
         saga_id = str(uuid.uuid4())
         first = self._new_run(saga_id, steps[0], Direction.FORWARD, 1, reason="first step")
-        saga_id, created, dispatches = self.store.create_saga(
+        saga_id, _created, dispatches = self.store.create_saga(
             saga_id=saga_id,
             name=definition.name,
             version=definition.version,
@@ -251,21 +251,20 @@ class Engine:
         unknown = StepStatus.UNKNOWN
         if step is None or run.direction is Direction.COMPENSATE or step.verify is None:
             if step is not None and step.at_most_once and run.direction is Direction.FORWARD:
-                exc: Exception = InputError("outcome unknown and the step is at_most_once: "
-                                            "it is never re-run without a successful verify")
-                return self._failed(saga, run, step, exc, worker, task_id,
+                blind = InputError("outcome unknown and the step is at_most_once: "
+                                   "it is never re-run without a successful verify")
+                return self._failed(saga, run, step, blind, worker, task_id,
                                     force=Then.ESCALATE, expected=unknown)
-            exc = TimeoutError(f"lease expired on {run.worker}; retrying with the same key")
-            return self._failed(saga, run, step, exc, worker, task_id, expected=unknown,
-                                landed=False)
+            lost = TimeoutError(f"lease expired on {run.worker}; retrying with the same key")
+            return self._failed(saga, run, step, lost, worker, task_id, expected=unknown)
         ctx = self._context(saga, run, None, worker, task_id)
         try:
             landed = step.verify(ctx, saga.input)
         except Exception as exc:
             return self._failed(saga, run, step, exc, worker, task_id, expected=unknown)
         if not landed:
-            exc = TimeoutError("verify: the effect did not land; retrying with the same key")
-            return self._failed(saga, run, step, exc, worker, task_id, expected=unknown)
+            absent = TimeoutError("verify: the effect did not land; retrying with the same key")
+            return self._failed(saga, run, step, absent, worker, task_id, expected=unknown)
         definition = self.registry.get(saga.name)
         following = definition.steps[step.index + 1 :]
         result = None if landed is True else to_json(landed, "verify result")

@@ -14,6 +14,8 @@ from enum import Enum
 from sagaq.errors import TerminalError
 from sagaq.machine import Direction
 
+_rng = random.Random()
+
 
 class Then(str, Enum):
     """What happens after a failed run."""
@@ -52,8 +54,8 @@ class Decision:
 
 def backoff(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
     """Exponential backoff with bounded jitter: always within [base, cap], never immediate."""
-    ceiling = min(cap, base * 2 ** max(attempt - 1, 0))
-    jittered = ceiling * (0.5 + 0.5 * (rng or random).random())
+    ceiling = min(cap, base * 2.0 ** max(attempt - 1, 0))
+    jittered = ceiling * (0.5 + 0.5 * (rng or _rng).random())
     return max(base, min(cap, jittered))
 
 

@@ -128,8 +128,10 @@ def mermaid() -> str:
     text: str = model.get_graph().draw(None)  # type: ignore[attr-defined]
     # Drop the styling lines that mark the model's current state: a diagram has no "current".
     keep = [
-        line
+        line.rstrip()
         for line in text.splitlines()
         if not line.strip().startswith(("classDef", "Class "))
     ]
+    if len(keep) > 2 and keep[0] == keep[2] == "---" and ":" not in keep[1]:
+        keep[1] = f"title: {keep[1]}"  # Mermaid front matter is YAML: the title needs its key
     return "\n".join(keep).strip() + "\n"

@@ -30,7 +30,7 @@ class Settings:
     compensation_retries: int = 3
     retry_base: float = 1.0  # seconds; backoff doubles per attempt
     retry_cap: float = 30.0
-    pool_size: int = 2  # per process: connections ≈ concurrency × (pool + overflow)
+    pool_size: int = 2  # per process: connections ~ concurrency * (pool + overflow)
     max_overflow: int = 2
 
     @classmethod

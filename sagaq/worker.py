@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery, signals
 from celery.worker import WorkController
 
-from sagaq.definition import Registry, Saga, Step
+from sagaq.definition import Saga, Step
 from sagaq.machine import Direction
 from sagaq.store import Dispatch
 
@@ -64,11 +64,11 @@ def create_app(runtime: Runtime, *, main: str = "sagaq") -> Celery:
     for saga in runtime.registry:
         register_saga(app, runtime, saga)
 
-    @signals.worker_process_init.connect(weak=False)
     def _after_fork(**_: Any) -> None:
         # Pooled connections were opened by the parent; the child must not share them.
         runtime.store.dispose(close=False)
 
+    signals.worker_process_init.connect(_after_fork, weak=False)
     return app
 
 
@@ -81,7 +81,7 @@ def register_saga(app: Celery, runtime: Runtime, saga: Saga) -> None:
 
 def _register(app: Celery, runtime: Runtime, step: Step, direction: Direction) -> None:
     name = step.task_name if direction is Direction.FORWARD else step.compensate_task_name
-    if name in app.tasks:
+    if name is None or name in app.tasks:
         return
     timeout = step.timeout or runtime.settings.step_timeout
 

@@ -36,7 +36,9 @@ class StandIn:
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def call(self, ctx: StepContext, op: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+    def call(
+        self, ctx: StepContext, op: str, payload: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Apply ``op`` once per idempotency key; replays return the first record."""
         with self._lock:
             replay = ctx.key in self._records

@@ -20,6 +20,6 @@ __all__ = [
     "NewRun",
     "Outcome",
     "SagaRecord",
-    "Store",
     "StepRunRecord",
+    "Store",
 ]

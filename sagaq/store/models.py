@@ -8,7 +8,7 @@ and "active sagas" indexes that never touch finished rows.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -172,3 +172,9 @@ class OutboxModel(Base):
 
 
 metadata = Base.metadata
+
+# Core tables, for the store's SQL.
+SAGAS = cast(sa.Table, SagaModel.__table__)
+RUNS = cast(sa.Table, StepRunModel.__table__)
+EVENTS = cast(sa.Table, EventModel.__table__)
+OUTBOX = cast(sa.Table, OutboxModel.__table__)

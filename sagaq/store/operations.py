@@ -24,7 +24,7 @@ from sagaq.errors import UnknownSagaError
 from sagaq.keys import idempotency_key
 from sagaq.ladder import Then
 from sagaq.machine import Direction, SagaState, StepStatus, next_state
-from sagaq.store.models import EventModel, OutboxModel, SagaModel, StepRunModel
+from sagaq.store.models import OUTBOX, RUNS, SAGAS, SagaModel
 from sagaq.store.records import (
     Claim,
     ClaimStatus,
@@ -37,9 +37,6 @@ from sagaq.store.timeline import Timeline, saga_record, step_run_record
 from sagaq.store.views import Views
 
 T = TypeVar("T")
-Sagas = SagaModel.__table__
-Runs = StepRunModel.__table__
-Outbox = OutboxModel.__table__
 
 _FINAL_RUN = {StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.UNKNOWN}
 
@@ -122,13 +119,14 @@ class Store(Views):
             )
             if key is not None:
                 stmt = stmt.on_conflict_do_nothing(index_elements=["name", "key"])
-            if conn.execute(stmt.returning(Sagas.c.id)).scalar() is None:
+            if conn.execute(stmt.returning(SAGAS.c.id)).scalar() is None:
                 existing = conn.execute(
-                    sa.select(Sagas.c.id).where(Sagas.c.name == name, Sagas.c.key == key)
+                    sa.select(SAGAS.c.id).where(SAGAS.c.name == name, SAGAS.c.key == key)
                 ).scalar_one()
                 return existing, False, []
             tl = Timeline(saga_id, now)
-            tl.add("saga.enqueued", message=f"{name} enqueued", data={"version": version, "key": key})
+            tl.add("saga.enqueued", message=f"{name} enqueued",
+                   data={"version": version, "key": key})
             dispatch = self._schedule(conn, saga_id, first, now, tl)
             tl.flush(conn)
         return saga_id, True, [dispatch]
@@ -146,11 +144,11 @@ class Store(Views):
         with self._tx() as conn:
             tl = Timeline(saga_id, now, worker=worker, task_id=task_id)
             row = conn.execute(
-                sa.update(Runs)
+                sa.update(RUNS)
                 .where(
-                    Runs.c.id == run_id,
-                    Runs.c.saga_id == saga_id,
-                    Runs.c.status == StepStatus.SCHEDULED.value,
+                    RUNS.c.id == run_id,
+                    RUNS.c.saga_id == saga_id,
+                    RUNS.c.status == StepStatus.SCHEDULED.value,
                 )
                 .values(
                     status=StepStatus.RUNNING.value,
@@ -158,29 +156,29 @@ class Store(Views):
                     task_id=task_id,
                     started_at=now,
                     lease_expires_at=now + timedelta(seconds=lease),
-                    deliveries=Runs.c.deliveries + 1,
+                    deliveries=RUNS.c.deliveries + 1,
                 )
-                .returning(*Runs.c)
+                .returning(*RUNS.c)
             ).first()
             if row is None:
                 return self._not_claimed(conn, saga_id, run_id, now, tl)
             run = step_run_record(row)
-            conn.execute(sa.delete(Outbox).where(Outbox.c.step_run_id == run_id))
-            saga = saga_record(conn.execute(sa.select(Sagas).where(Sagas.c.id == saga_id)).one())
+            conn.execute(sa.delete(OUTBOX).where(OUTBOX.c.step_run_id == run_id))
+            saga = saga_record(conn.execute(sa.select(SAGAS).where(SAGAS.c.id == saga_id)).one())
             if saga.state is SagaState.PENDING:
                 self._transition(conn, saga.id, saga.name, saga.state, "start", tl)
                 saga = _with_state(saga, SagaState.RUNNING)
             forward_result = None
             if run.direction is Direction.COMPENSATE:
                 forward_result = conn.execute(
-                    sa.select(Runs.c.result)
+                    sa.select(RUNS.c.result)
                     .where(
-                        Runs.c.saga_id == saga_id,
-                        Runs.c.step == run.step,
-                        Runs.c.direction == Direction.FORWARD.value,
-                        Runs.c.status.in_([StepStatus.SUCCEEDED.value, StepStatus.UNKNOWN.value]),
+                        RUNS.c.saga_id == saga_id,
+                        RUNS.c.step == run.step,
+                        RUNS.c.direction == Direction.FORWARD.value,
+                        RUNS.c.status.in_([StepStatus.SUCCEEDED.value, StepStatus.UNKNOWN.value]),
                     )
-                    .order_by(Runs.c.id.desc())
+                    .order_by(RUNS.c.id.desc())
                     .limit(1)
                 ).scalar()
             tl.run_event(run, "claimed", f"attempt {run.attempt}, delivery {run.deliveries}")
@@ -191,7 +189,7 @@ class Store(Views):
         self, conn: sa.Connection, saga_id: str, run_id: int, now: datetime, tl: Timeline
     ) -> Claim:
         row = conn.execute(
-            sa.select(Runs).where(Runs.c.id == run_id, Runs.c.saga_id == saga_id)
+            sa.select(RUNS).where(RUNS.c.id == run_id, RUNS.c.saga_id == saga_id)
         ).first()
         if row is None:
             return Claim(ClaimStatus.MISSING)
@@ -211,15 +209,15 @@ class Store(Views):
         now = self.clock()
         with self._tx() as conn:
             row = conn.execute(
-                sa.update(Runs)
+                sa.update(RUNS)
                 .where(
-                    Runs.c.id == run_id,
-                    Runs.c.saga_id == saga_id,
-                    Runs.c.status == StepStatus.RUNNING.value,
-                    Runs.c.lease_expires_at <= now,
+                    RUNS.c.id == run_id,
+                    RUNS.c.saga_id == saga_id,
+                    RUNS.c.status == StepStatus.RUNNING.value,
+                    RUNS.c.lease_expires_at <= now,
                 )
                 .values(status=StepStatus.UNKNOWN.value, lease_expires_at=None)
-                .returning(*Runs.c)
+                .returning(*RUNS.c)
             ).first()
             if row is None:
                 return False
@@ -247,7 +245,7 @@ class Store(Views):
         def op(conn: sa.Connection, saga: SagaRecord, tl: Timeline) -> list[Dispatch]:
             if checkpoint is not None:
                 conn.execute(
-                    sa.update(Sagas).where(Sagas.c.id == saga_id).values(checkpoint=checkpoint)
+                    sa.update(SAGAS).where(SAGAS.c.id == saga_id).values(checkpoint=checkpoint)
                 )
             run = self._finish_run(conn, run_id, expected, StepStatus.SUCCEEDED, tl, message,
                                    result=result)
@@ -314,10 +312,10 @@ class Store(Views):
                 with self._tx() as conn:
                     # Lock the saga row first: every writer on one saga takes this lock first.
                     row = conn.execute(
-                        sa.update(Sagas)
-                        .where(Sagas.c.id == saga_id)
+                        sa.update(SAGAS)
+                        .where(SAGAS.c.id == saga_id)
                         .values(updated_at=now)
-                        .returning(*Sagas.c)
+                        .returning(*SAGAS.c)
                     ).first()
                     if row is None:
                         raise _Lost(f"saga {saga_id} does not exist")
@@ -344,10 +342,10 @@ class Store(Views):
         **values: Any,
     ) -> Any:
         row = conn.execute(
-            sa.update(Runs)
-            .where(Runs.c.id == run_id, Runs.c.status == expected.value)
+            sa.update(RUNS)
+            .where(RUNS.c.id == run_id, RUNS.c.status == expected.value)
             .values(status=status.value, finished_at=tl.now, lease_expires_at=None, **values)
-            .returning(*Runs.c)
+            .returning(*RUNS.c)
         ).first()
         if row is None:
             raise _Lost(f"run {run_id} is no longer {expected.value}")
@@ -361,7 +359,7 @@ class Store(Views):
         message_id = str(uuid.uuid4())
         not_before = now + timedelta(seconds=new.delay) if new.delay > 0 else None
         run_id = conn.execute(
-            sa.insert(Runs)
+            sa.insert(RUNS)
             .values(
                 saga_id=saga_id,
                 step=new.step,
@@ -377,10 +375,10 @@ class Store(Views):
                 not_before=not_before,
                 scheduled_at=now,
             )
-            .returning(Runs.c.id)
+            .returning(RUNS.c.id)
         ).scalar_one()
         conn.execute(
-            sa.insert(Outbox).values(
+            sa.insert(OUTBOX).values(
                 saga_id=saga_id,
                 step_run_id=run_id,
                 task_name=new.task_name,
@@ -416,8 +414,8 @@ class Store(Views):
         if finished:
             values["finished_at"] = tl.now
         done = conn.execute(
-            sa.update(Sagas)
-            .where(Sagas.c.id == saga_id, Sagas.c.state == current.value)
+            sa.update(SAGAS)
+            .where(SAGAS.c.id == saga_id, SAGAS.c.state == current.value)
             .values(**values)
         )
         if done.rowcount != 1:
@@ -432,21 +430,21 @@ class Store(Views):
     ) -> list[Dispatch]:
         self._transition(conn, saga.id, saga.name, saga.state, "rollback", tl, error=reason)
         skipped = conn.execute(
-            sa.update(Runs)
-            .where(Runs.c.saga_id == saga.id, Runs.c.status == StepStatus.SCHEDULED.value)
+            sa.update(RUNS)
+            .where(RUNS.c.saga_id == saga.id, RUNS.c.status == StepStatus.SCHEDULED.value)
             .values(status=StepStatus.SKIPPED.value, finished_at=tl.now)
-            .returning(Runs.c.id)
+            .returning(RUNS.c.id)
         ).scalars().all()
         if skipped:
-            conn.execute(sa.delete(Outbox).where(Outbox.c.step_run_id.in_(skipped)))
+            conn.execute(sa.delete(OUTBOX).where(OUTBOX.c.step_run_id.in_(skipped)))
         done = conn.execute(
-            sa.select(Runs.c.step, Runs.c.compensate_task)
+            sa.select(RUNS.c.step, RUNS.c.compensate_task)
             .where(
-                Runs.c.saga_id == saga.id,
-                Runs.c.direction == Direction.FORWARD.value,
-                Runs.c.status.in_([StepStatus.SUCCEEDED.value, StepStatus.UNKNOWN.value]),
+                RUNS.c.saga_id == saga.id,
+                RUNS.c.direction == Direction.FORWARD.value,
+                RUNS.c.status.in_([StepStatus.SUCCEEDED.value, StepStatus.UNKNOWN.value]),
             )
-            .order_by(Runs.c.step_index.desc(), Runs.c.id.desc())
+            .order_by(RUNS.c.step_index.desc(), RUNS.c.id.desc())
         ).all()
         plan = list(dict.fromkeys(step for step, task in done if task))
         bare = list(dict.fromkeys(step for step, task in done if not task))
@@ -459,30 +457,30 @@ class Store(Views):
     ) -> list[Dispatch]:
         """Schedule the next compensation (LIFO), or finish the rollback when none is left."""
         busy = conn.execute(
-            sa.select(Runs.c.id).where(
-                Runs.c.saga_id == saga.id,
-                Runs.c.status.in_([StepStatus.SCHEDULED.value, StepStatus.RUNNING.value]),
+            sa.select(RUNS.c.id).where(
+                RUNS.c.saga_id == saga.id,
+                RUNS.c.status.in_([StepStatus.SCHEDULED.value, StepStatus.RUNNING.value]),
             )
         ).first()
         if busy is not None:
             return []  # the active run's own completion advances the rollback
-        comp = Runs.alias("comp")
+        comp = RUNS.alias("comp")
         undone = sa.exists().where(
             comp.c.saga_id == saga.id,
             comp.c.direction == Direction.COMPENSATE.value,
-            comp.c.step == Runs.c.step,
+            comp.c.step == RUNS.c.step,
             comp.c.status == StepStatus.SUCCEEDED.value,
         )
         nxt = conn.execute(
-            sa.select(Runs.c.step, Runs.c.step_index, Runs.c.compensate_task)
+            sa.select(RUNS.c.step, RUNS.c.step_index, RUNS.c.compensate_task)
             .where(
-                Runs.c.saga_id == saga.id,
-                Runs.c.direction == Direction.FORWARD.value,
-                Runs.c.status.in_([StepStatus.SUCCEEDED.value, StepStatus.UNKNOWN.value]),
-                Runs.c.compensate_task.is_not(None),
+                RUNS.c.saga_id == saga.id,
+                RUNS.c.direction == Direction.FORWARD.value,
+                RUNS.c.status.in_([StepStatus.SUCCEEDED.value, StepStatus.UNKNOWN.value]),
+                RUNS.c.compensate_task.is_not(None),
                 ~undone,
             )
-            .order_by(Runs.c.step_index.desc())
+            .order_by(RUNS.c.step_index.desc())
             .limit(1)
         ).first()
         if nxt is None:

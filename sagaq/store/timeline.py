@@ -67,7 +67,7 @@ class Timeline:
 
     def flush(self, conn: sa.Connection) -> None:
         if self.rows:
-            conn.execute(sa.insert(EventModel.__table__), self.rows)
+            conn.execute(sa.insert(EventModel), self.rows)
             self.rows = []
 
 

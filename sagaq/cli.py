@@ -1,0 +1,217 @@
+"""The ``sagaq`` command line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+
+from sagaq import commands, render
+from sagaq.errors import ConfigurationError, SagaqError
+from sagaq.settings import Settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+console = Console()
+
+
+def friendly(fn: F) -> F:
+    """Turn sagaq's errors into one line on stderr and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SagaqError as exc:
+            raise click.ClickException(exc.message) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Env:
+    """Settings from the environment, with the global options on top."""
+
+    def __init__(self, overrides: dict[str, Any]) -> None:
+        self.overrides = {k: v for k, v in overrides.items() if v}
+
+    def settings(self) -> Settings:
+        return Settings.from_env(**self.overrides)
+
+    def runtime(self) -> Any:
+        from sagaq.runtime import configure
+        from sagaq.store.database import check
+
+        runtime = configure(self.settings())
+        check(runtime.store.engine)
+        return runtime
+
+    def store(self) -> Any:
+        from sagaq.store import Store
+        from sagaq.store.database import check, create_engine
+
+        engine = create_engine(self.settings().database_url)
+        check(engine)
+        return Store(engine)
+
+
+pass_env = click.make_pass_decorator(Env)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--database-url", metavar="URL", help="Overrides SAGAQ_DATABASE_URL.")
+@click.option("--broker-url", metavar="URL", help="Overrides SAGAQ_BROKER_URL.")
+@click.option(
+    "-I", "--import", "imports", multiple=True, metavar="MODULE",
+    help="A module that defines sagas (repeatable). Overrides SAGAQ_IMPORTS.",
+)
+@click.version_option(package_name="sagaq")
+@click.pass_context
+def main(ctx: click.Context, database_url: str | None, broker_url: str | None,
+         imports: tuple[str, ...]) -> None:
+    """Durable sagas on Celery and PostgreSQL.
+
+    Settings come from SAGAQ_* environment variables (SAGAQ_DATABASE_URL,
+    SAGAQ_BROKER_URL, SAGAQ_IMPORTS, ...); the options above override them.
+    Start with `sagaq demo`, which needs no server at all.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    ctx.obj = Env({"database_url": database_url, "broker_url": broker_url, "imports": imports})
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per saga.")
+@friendly
+def demo(as_json: bool) -> None:
+    """Run the example sagas on SQLite and an in-process broker: no server needed.
+
+    One saga completes, one retries a flaky call and completes, one fails at its last
+    step and is undone in reverse order, and one whose undo fails ends in needs_human.
+    """
+    from sagaq import demo as demo_module
+
+    results = demo_module.run()
+    if as_json:
+        click.echo(json.dumps([st.summary() for _, st in results], indent=2))
+        return
+    for scenario, st in results:
+        console.rule(f"[bold]{scenario.title}")
+        console.print(render.story(st))
+    console.rule("[bold]summary")
+    for scenario, st in results:
+        mark = "ok" if st.saga.state is scenario.expect else "UNEXPECTED"
+        console.print(f"{st.saga.state.value:<12} {scenario.title}  [{mark}]")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("-c", "--concurrency", type=int, help="Worker processes or threads.")
+@click.option("-P", "--pool", default="prefork", show_default=True,
+              type=click.Choice(["prefork", "threads", "solo"]))
+@click.option("-l", "--loglevel", default="INFO", show_default=True)
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+@pass_env
+@friendly
+def worker(env: Env, concurrency: int | None, pool: str, loglevel: str,
+           celery_args: tuple[str, ...]) -> None:
+    """Run a Celery worker for every saga in SAGAQ_IMPORTS / -I modules.
+
+    Extra arguments go to `celery worker` unchanged. `celery -A sagaq worker` is the same.
+    """
+    settings = env.settings()
+    if settings.broker_url.startswith("memory://"):
+        raise ConfigurationError(
+            "SAGAQ_BROKER_URL is memory://, which only works inside one process "
+            "(`sagaq demo`); point it at Redis, e.g. redis://127.0.0.1:6379/0"
+        )
+    runtime = env.runtime()
+    if not len(runtime.registry):
+        raise ConfigurationError(
+            "no sagas are defined: set SAGAQ_IMPORTS or pass -I MODULE for the modules "
+            "that define them"
+        )
+    argv = ["worker", "--loglevel", loglevel, "--pool", pool, "-Q", settings.queue]
+    if concurrency:
+        argv += ["--concurrency", str(concurrency)]
+    runtime.app.worker_main([*argv, *celery_args])
+
+
+@main.group()
+def db() -> None:
+    """The database schema (Alembic migrations shipped with sagaq)."""
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+@pass_env
+@friendly
+def db_upgrade(env: Env, revision: str) -> None:
+    """Create or upgrade sagaq's tables to REVISION (default: head)."""
+    from sagaq.store.database import safe_url, upgrade
+
+    url = env.settings().database_url
+    upgrade(url, revision)
+    click.echo(f"{safe_url(url)}: upgraded to {revision}")
+
+
+@db.command("current")
+@pass_env
+@friendly
+def db_current(env: Env) -> None:
+    """Print the schema revision the database is at."""
+    from sagaq.store.database import current_revision
+
+    click.echo(current_revision(env.store().engine) or "none (run `sagaq db upgrade`)")
+
+
+@main.command("ls")
+@click.option("--state", help="Only sagas in this state (e.g. needs_human).")
+@click.option("--name", help="Only sagas of this definition.")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_env
+@friendly
+def ls(env: Env, state: str | None, name: str | None, limit: int, as_json: bool) -> None:
+    """List sagas, newest first."""
+    found = commands.list_sagas(env.store(), state=state, name=name, limit=limit)
+    if as_json:
+        rows = [{"id": s.id, "name": s.name, "state": s.state.value,
+                 "created_at": s.created_at.isoformat(), "error": s.error} for s in found]
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        console.print(render.saga_table(found))
+
+
+@main.command()
+@click.argument("saga_id")
+@click.option("--json", "as_json", is_flag=True, help="Saga, step runs and events as JSON.")
+@pass_env
+@friendly
+def show(env: Env, saga_id: str, as_json: bool) -> None:
+    """Show one saga's whole story: its state, step runs and timeline."""
+    st = commands.story(env.store(), saga_id)
+    if as_json:
+        click.echo(json.dumps(st.to_json(), indent=2))
+    else:
+        console.print(render.story(st))
+
+
+@main.command()
+@click.argument("name")
+@click.argument("input_json", required=False, metavar="[INPUT]")
+@click.option("--key", help="Enqueue at most once per key (returns the first saga's id).")
+@pass_env
+@friendly
+def enqueue(env: Env, name: str, input_json: str | None, key: str | None) -> None:
+    """Start saga NAME with INPUT (a JSON object; default {}). Prints the saga id."""
+    click.echo(commands.enqueue(env.runtime(), name, input_json, key=key))
+
+
+@main.command()
+def diagram() -> None:
+    """Print the saga lifecycle as a Mermaid state diagram."""
+    from sagaq.machine import mermaid
+
+    click.echo(mermaid(), nl=False)

@@ -1,0 +1,118 @@
+"""Rich renderings of sagas and their timelines, for the terminal."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from sagaq.commands import Story
+from sagaq.machine import Direction, SagaState, StepStatus
+from sagaq.store import SagaRecord
+
+STATE_STYLE = {
+    SagaState.PENDING: "dim",
+    SagaState.RUNNING: "cyan",
+    SagaState.WAITING: "cyan",
+    SagaState.AWAITING_APPROVAL: "magenta",
+    SagaState.COMPENSATING: "yellow",
+    SagaState.COMPLETED: "green",
+    SagaState.COMPENSATED: "yellow",
+    SagaState.NEEDS_HUMAN: "bold red",
+    SagaState.RESOLVED: "blue",
+}
+STATUS_STYLE = {
+    StepStatus.SCHEDULED: "dim",
+    StepStatus.RUNNING: "cyan",
+    StepStatus.SUCCEEDED: "green",
+    StepStatus.FAILED: "red",
+    StepStatus.UNKNOWN: "magenta",
+    StepStatus.SKIPPED: "dim",
+}
+
+
+def _time(value: datetime | None) -> str:
+    return value.strftime("%H:%M:%S.%f")[:-3] if value else ""
+
+
+def _state(state: SagaState) -> Text:
+    return Text(state.value, style=STATE_STYLE[state])
+
+
+def saga_table(sagas: list[SagaRecord]) -> Table:
+    table = Table(title=f"{len(sagas)} saga(s), newest first", title_justify="left")
+    for col in ("id", "name", "state", "created", "updated", "error"):
+        table.add_column(col, overflow="fold")
+    for s in sagas:
+        table.add_row(
+            s.id,
+            s.name,
+            _state(s.state),
+            s.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            _time(s.updated_at),
+            (s.error or "")[:80],
+        )
+    return table
+
+
+def story(story: Story) -> RenderableType:
+    s = story.saga
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("saga", f"{s.id}  ({s.name}, definition {s.version})")
+    head.add_row("state", _state(s.state))
+    head.add_row("created", s.created_at.isoformat(timespec="milliseconds"))
+    if s.finished_at:
+        head.add_row("finished", s.finished_at.isoformat(timespec="milliseconds"))
+    if s.key:
+        head.add_row("key", s.key)
+    if s.error:
+        head.add_row("error", Text(s.error, style="red"))
+    if story.succeeded():
+        head.add_row("succeeded", " → ".join(story.succeeded()))
+    if story.compensated():
+        head.add_row("compensated", " → ".join(story.compensated()))
+
+    runs = Table(title="step runs", title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("#", "step", "", "try", "status", "worker", "task", "key"):
+        runs.add_column(col, no_wrap=True)
+    runs.add_column("error", overflow="fold")
+    for r in story.runs:
+        runs.add_row(
+            str(r.id),
+            r.step,
+            "→" if r.direction is Direction.FORWARD else "↩",
+            str(r.attempt),
+            Text(r.status.value, style=STATUS_STYLE[r.status]),
+            r.worker or "",
+            (r.task_id or "")[:8],
+            r.idempotency_key[:8],
+            (r.error or "")[:80],
+        )
+
+    timeline = Table(title="timeline", title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("time", "event", "step"):
+        timeline.add_column(col, no_wrap=True)
+    timeline.add_column("detail", overflow="fold")
+    for e in story.events:
+        timeline.add_row(_time(e.at), _event(e.kind), e.step or "", e.message)
+    return Panel(Group(head, runs, timeline), title=f"{s.name} {s.id[:8]}", title_align="left")
+
+
+def _event(kind: str) -> Text:
+    style: Any = "default"
+    if kind.endswith(("failed", "needs_human")):
+        style = "red"
+    elif kind.endswith(("succeeded", "completed")):
+        style = "green"
+    elif kind.startswith(("compensation", "rollback")) or kind.endswith("compensating"):
+        style = "yellow"
+    elif kind.endswith("dropped"):
+        style = "dim"
+    return Text(kind, style=style)
