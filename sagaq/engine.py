@@ -108,19 +108,39 @@ class Engine:
         return saga_id
 
     def _publish_after_commit(self, session: Session, dispatches: list[Dispatch]) -> None:
+        """Publish when the caller's outermost transaction commits, never before.
+
+        Dispatches belong to the innermost open transaction (a savepoint, if one is open):
+        releasing a savepoint hands them to its parent, rolling one back drops them (and only
+        them), and only the commit of the outermost transaction publishes.
+        """
         if _SESSION_KEY not in session.info:
-            session.info[_SESSION_KEY] = []
+            session.info[_SESSION_KEY] = {}
 
             @event.listens_for(session, "after_commit")
             def _committed(s: Session) -> None:
-                self._publish(s.info.pop(_SESSION_KEY, []))
-                s.info[_SESSION_KEY] = []
+                pending = s.info[_SESSION_KEY]
+                savepoint = s.get_nested_transaction()
+                if savepoint is not None:  # a released savepoint: not a commit yet
+                    if savepoint in pending:
+                        pending.setdefault(savepoint.parent, []).extend(pending.pop(savepoint))
+                    return
+                ready = [d for batch in pending.values() for d in batch]
+                pending.clear()
+                self._publish(ready)
 
-            @event.listens_for(session, "after_rollback")
-            def _rolled_back(s: Session) -> None:
-                s.info[_SESSION_KEY] = []  # no commit: no saga, no message
+            @event.listens_for(session, "after_soft_rollback")
+            def _rolled_back(s: Session, previous: Any) -> None:
+                pending = s.info[_SESSION_KEY]
+                for tx in list(pending):
+                    t = tx
+                    while t is not None and t is not previous:
+                        t = t.parent
+                    if t is previous:
+                        del pending[tx]  # undone with the transaction that wrote it
 
-        session.info[_SESSION_KEY].extend(dispatches)
+        tx = session.get_nested_transaction() or session.get_transaction()
+        session.info[_SESSION_KEY].setdefault(tx, []).extend(dispatches)
 
     # -- running ------------------------------------------------------------------------
 

@@ -54,7 +54,7 @@ class Decision:
 
 def backoff(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
     """Exponential backoff with bounded jitter: always within [base, cap], never immediate."""
-    ceiling = min(cap, base * 2.0 ** max(attempt - 1, 0))
+    ceiling = min(cap, base * 2.0 ** min(max(attempt - 1, 0), 64))  # 2**64: past any cap
     jittered = ceiling * (0.5 + 0.5 * (rng or _rng).random())
     return max(base, min(cap, jittered))
 

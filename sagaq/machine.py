@@ -94,14 +94,16 @@ def next_state(
 ) -> SagaState:
     """The state ``trigger`` leads to from ``state``; raises if the table has no such move."""
     source = SagaState(state).value
-    found = machine_for(saga).get_transitions(trigger=trigger, source=source)
+    # An empty trigger would match every transition in transitions' lookup.
+    found = machine_for(saga).get_transitions(trigger=trigger, source=source) if trigger else []
     if not found:
         raise IllegalTransition(trigger, source, saga_id=saga_id)
     return SagaState(found[0].dest)
 
 
 def can(saga: str, state: SagaState | str, trigger: str) -> bool:
-    return bool(machine_for(saga).get_transitions(trigger=trigger, source=SagaState(state).value))
+    source = SagaState(state).value
+    return bool(trigger) and bool(machine_for(saga).get_transitions(trigger=trigger, source=source))
 
 
 def mermaid() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -48,6 +49,13 @@ class Settings:
         return replace(self, **changes).validated()
 
     def validated(self) -> Settings:
+        seconds = ("visibility_timeout", "step_timeout", "lease_margin", "retry_base", "retry_cap")
+        for name in seconds:
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigurationError(f"SAGAQ_{name.upper()} must be a finite number >= 0")
+        if self.step_timeout <= 0:
+            raise ConfigurationError("SAGAQ_STEP_TIMEOUT must be > 0 seconds")
         if self.step_timeout + self.lease_margin >= self.visibility_timeout:
             raise ConfigurationError(
                 "SAGAQ_STEP_TIMEOUT + SAGAQ_LEASE_MARGIN must stay below "

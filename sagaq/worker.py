@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery, signals
 from celery.worker import WorkController
+from kombu.asynchronous import set_event_loop
 
 from sagaq.definition import Saga, Step
 from sagaq.machine import Direction
@@ -146,6 +147,9 @@ def embedded_worker(
 ) -> Iterator[WorkController]:
     """Run a real Celery worker in a background thread of this process."""
     app.finalize()
+    # Celery's Hub step reuses kombu's process-global event loop if one is set: a second
+    # worker in this process would share (and, on stop, close) the first one's loop.
+    set_event_loop(None)
     worker = _EmbeddedWorker(
         app=app,
         concurrency=concurrency,

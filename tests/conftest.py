@@ -70,7 +70,9 @@ def redis_prefix(redis_base_url: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def settings(make_database: Callable[[str], str], redis_base_url: str, redis_prefix: str) -> Settings:
+def settings(
+    make_database: Callable[[str], str], redis_base_url: str, redis_prefix: str
+) -> Settings:
     return Settings(
         database_url=make_database("main"),
         broker_url=redis_base_url,
@@ -116,14 +118,17 @@ def _fresh_stand_ins() -> None:
 def wait_settled(runtime: Runtime) -> Callable[..., list[SagaState]]:
     """Wait until every saga is in a state nothing moves it out of without a human."""
 
-    def wait(*saga_ids: str, timeout: float = 30.0, states: tuple[SagaState, ...] = SETTLED) -> list[SagaState]:
+    def wait(
+        *saga_ids: str, timeout: float = 30.0, states: tuple[SagaState, ...] = SETTLED
+    ) -> list[SagaState]:
         deadline = time.monotonic() + timeout
         while True:
             current = [runtime.store.get_saga_or_raise(i).state for i in saga_ids]
             if all(s in states for s in current):
                 return current
             if time.monotonic() > deadline:
-                raise AssertionError(f"sagas did not settle in {timeout}s: {dict(zip(saga_ids, current, strict=True))}")
+                where = dict(zip(saga_ids, current, strict=True))
+                raise AssertionError(f"sagas did not settle in {timeout}s: {where}")
             time.sleep(0.02)
 
     return wait

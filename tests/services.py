@@ -50,21 +50,35 @@ def postgres_admin_url() -> tuple[str, Callable[[], None]]:
     url = os.environ.get("SAGAQ_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     if _pg_answers(url):
         return url, lambda: None
-    pg_ctl = shutil.which("pg_ctl") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))), None)
+    pg_ctl = shutil.which("pg_ctl") or next(
+        iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))), None
+    )
     if pg_ctl is None or os.geteuid() == 0:
         why = "no pg_ctl found" if pg_ctl is None else "initdb refuses to run as root"
-        pytest.exit(f"PostgreSQL does not answer at {url} and cannot start a throwaway one ({why}): {HINT}", returncode=2)
+        pytest.exit(
+            f"PostgreSQL does not answer at {url} and cannot start a throwaway one ({why}): {HINT}",
+            returncode=2,
+        )
     from pytest_postgresql.executors import PostgreSQLExecutor
 
     tmp = tempfile.mkdtemp(prefix="sagaq-pg-")
     port = _free_port()
     executor = PostgreSQLExecutor(
-        executable=pg_ctl, host="127.0.0.1", port=port, datadir=os.path.join(tmp, "data"),
-        unixsocketdir=tmp, logfile=os.path.join(tmp, "pg.log"), startparams="-w",
-        dbname="postgres", user="postgres",
+        executable=pg_ctl,
+        host="127.0.0.1",
+        port=port,
+        datadir=os.path.join(tmp, "data"),
+        unixsocketdir=tmp,
+        logfile=os.path.join(tmp, "pg.log"),
+        startparams="-w",
+        dbname="postgres",
+        user="postgres",
     )
     executor.start()
-    return f"postgresql://postgres@127.0.0.1:{port}/postgres", lambda: (executor.stop(), shutil.rmtree(tmp, True))
+    return f"postgresql://postgres@127.0.0.1:{port}/postgres", lambda: (
+        executor.stop(),
+        shutil.rmtree(tmp, True),
+    )
 
 
 def redis_url() -> tuple[str, Callable[[], None]]:
@@ -73,12 +87,21 @@ def redis_url() -> tuple[str, Callable[[], None]]:
         return url, lambda: None
     server = shutil.which("redis-server")
     if server is None:
-        pytest.exit(f"Redis does not answer at {url} and no redis-server is installed: {HINT}", returncode=2)
+        pytest.exit(
+            f"Redis does not answer at {url} and no redis-server is installed: {HINT}", returncode=2
+        )
     from pytest_redis.executor import RedisExecutor
 
     tmp = tempfile.mkdtemp(prefix="sagaq-redis-")
     port = _free_port()
-    executor = RedisExecutor(server, databases=16, redis_timeout=30, loglevel="warning",
-                             host="127.0.0.1", port=port, datadir=tmp)  # type: ignore[arg-type]
+    executor = RedisExecutor(
+        server,
+        databases=16,
+        redis_timeout=30,
+        loglevel="warning",
+        host="127.0.0.1",
+        port=port,
+        datadir=tmp,
+    )  # type: ignore[arg-type]
     executor.start()
     return f"redis://127.0.0.1:{port}/0", lambda: (executor.stop(), shutil.rmtree(tmp, True))

@@ -12,6 +12,7 @@ from sagaq.errors import DatabaseUnavailable
 from sagaq.settings import normalize_database_url
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+VERSION_TABLE = "sagaq_alembic_version"  # not alembic_version: the app may have its own
 
 
 def safe_url(url: str) -> str:
@@ -31,7 +32,8 @@ def create_engine(url: str, *, pool_size: int = 2, max_overflow: int = 2) -> sa.
         url,
         pool_size=pool_size,
         max_overflow=max_overflow,
-        pool_pre_ping=True,  # survive a database restart without a failed step
+        # No pool_pre_ping: a ping is one more transaction per checkout. A connection the
+        # server dropped fails its first statement instead, and the store retries the op.
         connect_args={"connect_timeout": 5},
     )
 
@@ -92,5 +94,6 @@ def current_revision(engine: sa.Engine) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
     with engine.connect() as conn:
-        rev: str | None = MigrationContext.configure(conn).get_current_revision()
+        context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+        rev: str | None = context.get_current_revision()
         return rev

@@ -75,14 +75,22 @@ class Store(Views):
             yield conn
 
     def _retrying(self, op: Callable[[], T], attempts: int = 4) -> T:
-        """Run ``op`` again when the database aborted it for a deadlock or serialization."""
+        """Run ``op`` again after a deadlock, a serialization failure or a dropped connection.
+
+        Every operation is one transaction of guarded writes, so running it again is safe: if
+        the first try did commit, the guards make the second a no-op that reports it lost.
+        """
         for attempt in range(1, attempts + 1):
             try:
                 return op()
-            except sa.exc.OperationalError as exc:
+            except sa.exc.DBAPIError as exc:
                 code = getattr(exc.orig, "sqlstate", None)
-                locked = "database is locked" in str(exc.orig)
-                if attempt == attempts or not (code in ("40P01", "40001") or locked):
+                again = (
+                    exc.connection_invalidated
+                    or code in ("40P01", "40001")
+                    or "database is locked" in str(exc.orig)
+                )
+                if attempt == attempts or not again:
                     raise
                 time.sleep(0.01 * 2**attempt)
         raise AssertionError("unreachable")

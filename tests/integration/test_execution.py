@@ -8,6 +8,7 @@ state or an event, never for an amount of time.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections import Counter
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
+from celery import signals
 
 from sagaq import Direction, SagaState, StepStatus
 from sagaq.keys import idempotency_key
@@ -142,7 +144,7 @@ def test_happy_path_lands_each_effect_once_and_checkpoints_every_result(
     record = runtime.store.get_saga_or_raise(saga_id)
     assert record.error is None and record.finished_at is not None
     results = record.checkpoint["results"]
-    assert list(results) == names
+    assert sorted(results) == sorted(names)  # JSONB keeps no key order
     assert results == {r.step: r.result for r in runs}
     for name, system, op in steps:
         assert results[name]["op"] == op and results[name]["id"].startswith(f"{system}-")
@@ -187,7 +189,10 @@ def test_terminal_failure_at_step_k_undoes_steps_before_it_in_reverse(
     record = runtime.store.get_saga_or_raise(saga_id)
     assert failing in (record.error or "")
     assert kinds(runtime, saga_id, "saga.") == [
-        "saga.enqueued", "saga.running", "saga.compensating", "saga.compensated",
+        "saga.enqueued",
+        "saga.running",
+        "saga.compensating",
+        "saga.compensated",
     ]
     (plan,) = [e for e in runtime.store.events(saga_id) if e.kind == "rollback.plan"]
     assert plan.data["compensate"] == done[::-1]
@@ -244,8 +249,11 @@ def test_compensation_that_keeps_failing_pages_a_human(runtime, worker, settings
     ]
     assert {r.idempotency_key for r in undo_s1} == {idempotency_key(saga_id, "s1", COMP)}
     assert all(r.error_type == "TransientError" for r in undo_s1)
-    assert not [r for r in runtime.store.step_runs(saga_id) if r.status in (
-        StepStatus.SCHEDULED, StepStatus.RUNNING)]
+    assert not [
+        r
+        for r in runtime.store.step_runs(saga_id)
+        if r.status in (StepStatus.SCHEDULED, StepStatus.RUNNING)
+    ]
 
     record = runtime.store.get_saga_or_raise(saga_id)
     assert record.error is not None and "s1" in record.error and "compensate" in record.error
@@ -303,7 +311,9 @@ def test_messages_redelivered_after_their_step_succeeded_are_dropped(
     for run in before_runs:  # the same message (same task id) twice more, after the end
         for _ in range(2):
             runtime.app.send_task(
-                run.task_name, args=[saga_id, run.id], task_id=run.message_id,
+                run.task_name,
+                args=[saga_id, run.id],
+                task_id=run.message_id,
                 queue=settings.queue,
             )
     wait_for("8 dropped events", lambda: len(dropped(runtime, saga_id)) >= 8)
@@ -397,15 +407,15 @@ def test_message_for_a_saga_or_run_that_does_not_exist_is_dropped(
     before = count_rows(runtime.store.engine)
     task_id = str(uuid.uuid4())
 
-    runtime.app.send_task("sagaq.quad.s1", args=[saga_id, run_id], task_id=task_id,
-                          queue=settings.queue)
+    runtime.app.send_task(
+        "sagaq.quad.s1", args=[saga_id, run_id], task_id=task_id, queue=settings.queue
+    )
     needle = f"no step run {run_id} of saga {saga_id}"
     wait_for("the warning", lambda: any(needle in r.getMessage() for r in caplog.records))
     client = redis.Redis.from_url(redis_base_url)
     wait_for(
         "the message to be acknowledged",
-        lambda: not any(task_id.encode() in v for v in
-                        client.hvals(f"{redis_prefix}unacked")),
+        lambda: not any(task_id.encode() in v for v in client.hvals(f"{redis_prefix}unacked")),
     )
 
     assert count_rows(runtime.store.engine) == before
@@ -419,16 +429,29 @@ def test_message_for_a_saga_or_run_that_does_not_exist_is_dropped(
 
 
 def test_two_workers_racing_on_duplicates_never_overlap_steps(runtime, worker, wait_settled):
-    with (
-        embedded_worker(runtime.app, concurrency=4, hostname="second@test"),
-        publishing_each(runtime, 3),
-    ):
-        ids = [runtime.engine.enqueue("racer", {"hold": 0.01}) for _ in range(6)]
-        assert wait_settled(*ids) == [SagaState.COMPLETED] * len(ids)
-        # Every run had two extra copies; wait until both were delivered and dropped.
-        for saga_id in ids:
-            wait_for("two drops per run", lambda s=saga_id: len(dropped(runtime, s)) >= 10)
+    ran_on: list[int] = []  # the thread of every task run, to tell the two workers apart
 
+    def note_thread(**_: Any) -> None:
+        ran_on.append(threading.get_ident())
+
+    signals.task_prerun.connect(note_thread, weak=False)
+    try:
+        with (
+            embedded_worker(runtime.app, concurrency=4, hostname="second@test") as second,
+            publishing_each(runtime, 3),
+        ):
+            ids = [runtime.engine.enqueue("racer", {"hold": 0.01}) for _ in range(6)]
+            assert wait_settled(*ids) == [SagaState.COMPLETED] * len(ids)
+            # Every run had two extra copies; wait until both were delivered and dropped.
+            for saga_id in ids:
+                wait_for("two drops per run", lambda s=saga_id: len(dropped(runtime, s)) >= 10)
+            pools = [{t.ident for t in w.pool.executor._threads} for w in (worker, second)]
+    finally:
+        signals.task_prerun.disconnect(note_thread)
+
+    # Both workers took messages (a race with one worker would prove nothing).
+    assert len(ran_on) == 6 * 5 * 3
+    assert all(any(t in pool for t in ran_on) for pool in pools)
     assert test_sagas.overlaps == []
     steps = ["r1", "r2", "r3", "r4", "r5"]
     for saga_id in ids:
@@ -436,9 +459,7 @@ def test_two_workers_racing_on_duplicates_never_overlap_steps(runtime, worker, w
         assert ledger_calls(saga_id) == ledger.effects(saga_id=saga_id)
         runs = runtime.store.step_runs(saga_id)
         assert [(r.step, r.status, r.deliveries) for r in runs] == [(s, OK, 1) for s in steps]
-        assert Counter(e.step_run_id for e in dropped(runtime, saga_id)) == {
-            r.id: 2 for r in runs
-        }
+        assert Counter(e.step_run_id for e in dropped(runtime, saga_id)) == {r.id: 2 for r in runs}
         assert kinds(runtime, saga_id, "step.claimed") == ["step.claimed"] * 5
 
 
@@ -450,13 +471,21 @@ def test_the_database_refuses_a_second_active_step_run(make_database, settings):
 
         def new_run(step: str, index: int) -> NewRun:
             return NewRun(
-                step=step, step_index=index, direction=FWD, attempt=1,
-                task_name=f"sagaq.quad.{step}", idempotency_key=idempotency_key(saga_id, step),
+                step=step,
+                step_index=index,
+                direction=FWD,
+                attempt=1,
+                task_name=f"sagaq.quad.{step}",
+                idempotency_key=idempotency_key(saga_id, step),
                 compensate_task=f"sagaq.quad.{step}.compensate",
             )
 
         created, fresh, dispatches = store.create_saga(
-            saga_id=saga_id, name="quad", version=quad.version, input={}, key=None,
+            saga_id=saga_id,
+            name="quad",
+            version=quad.version,
+            input={},
+            key=None,
             first=new_run("s1", 0),
         )
         assert (created, fresh, len(dispatches)) == (saga_id, True, 1)
@@ -467,10 +496,16 @@ def test_the_database_refuses_a_second_active_step_run(make_database, settings):
             with store.engine.begin() as conn:
                 conn.execute(
                     sa.insert(runs).values(
-                        saga_id=saga_id, step="s2", step_index=1, direction="forward",
-                        attempt=1, status=status, task_name="sagaq.quad.s2",
+                        saga_id=saga_id,
+                        step="s2",
+                        step_index=1,
+                        direction="forward",
+                        attempt=1,
+                        status=status,
+                        task_name="sagaq.quad.s2",
                         idempotency_key=idempotency_key(saga_id, "s2"),
-                        message_id=str(uuid.uuid4()), deliveries=0,
+                        message_id=str(uuid.uuid4()),
+                        deliveries=0,
                         scheduled_at=first.scheduled_at,
                     )
                 )
@@ -487,7 +522,8 @@ def test_the_database_refuses_a_second_active_step_run(make_database, settings):
 
         insert("failed")  # finished runs are not limited
         assert [r.status for r in store.step_runs(saga_id)] == [
-            StepStatus.RUNNING, StepStatus.FAILED,
+            StepStatus.RUNNING,
+            StepStatus.FAILED,
         ]
     finally:
         store.dispose()

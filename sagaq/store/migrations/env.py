@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from sagaq.store.database import create_engine
+from sagaq.store.database import VERSION_TABLE, create_engine
 from sagaq.store.models import metadata
 
 config = context.config
@@ -15,7 +15,7 @@ def run_offline() -> None:
         url=config.get_main_option("sqlalchemy.url"),
         target_metadata=metadata,
         literal_binds=True,
-        version_table="sagaq_alembic_version",
+        version_table=VERSION_TABLE,
     )
     with context.begin_transaction():
         context.run_migrations()
@@ -29,7 +29,7 @@ def run_online() -> None:
         context.configure(
             connection=connection,
             target_metadata=metadata,
-            version_table="sagaq_alembic_version",
+            version_table=VERSION_TABLE,
             render_as_batch=connection.dialect.name == "sqlite",
         )
         with context.begin_transaction():
