@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import getpass
 import json
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -207,6 +209,58 @@ def show(env: Env, saga_id: str, as_json: bool) -> None:
 def enqueue(env: Env, name: str, input_json: str | None, key: str | None) -> None:
     """Start saga NAME with INPUT (a JSON object; default {}). Prints the saga id."""
     click.echo(commands.enqueue(env.runtime(), name, input_json, key=key))
+
+
+def _operator() -> str:
+    return os.environ.get("SAGAQ_OPERATOR") or getpass.getuser()
+
+
+@main.command()
+@click.argument("saga_id")
+@click.option("--by", default=_operator, show_default="$SAGAQ_OPERATOR or your login",
+              help="Who is acting (recorded on the timeline).")
+@click.option("--note", help="Why, for the timeline.")
+@pass_env
+@friendly
+def retry(env: Env, saga_id: str, by: str, note: str | None) -> None:
+    """Run what is left of a saga in needs_human: its remaining compensations, or the
+    step that failed after the pivot. Closes the open page; a new failure pages again."""
+    outcome = commands.retry(env.runtime(), saga_id, by=by, note=note)
+    click.echo(f"{saga_id}: {outcome.state.value if outcome.state else 'unchanged'}")
+
+
+@main.command()
+@click.argument("saga_id")
+@click.option("--note", required=True, help="What you did to put things right.")
+@click.option("--by", default=_operator, show_default="$SAGAQ_OPERATOR or your login",
+              help="Who is acting (recorded on the timeline).")
+@pass_env
+@friendly
+def resolve(env: Env, saga_id: str, note: str, by: str) -> None:
+    """Mark a saga in needs_human as resolved by hand, and resolve its page."""
+    outcome = commands.resolve(env.runtime(), saga_id, by=by, note=note)
+    click.echo(f"{saga_id}: {outcome.state.value if outcome.state else 'unchanged'}")
+
+
+@main.command()
+@click.option("--once", is_flag=True, required=True,
+              help="Run one pass now (beat runs it every SAGAQ_RECONCILE_INTERVAL s).")
+@pass_env
+@friendly
+def reconcile(env: Env, once: bool) -> None:
+    """Run the reconciler: wake sagas whose durable wait is over, and more."""
+    click.echo(json.dumps(env.runtime().reconcile().summary()))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("-l", "--loglevel", default="INFO", show_default=True)
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+@pass_env
+@friendly
+def beat(env: Env, loglevel: str, celery_args: tuple[str, ...]) -> None:
+    """Run Celery beat, which schedules the reconciler. Safe to run twice (it is
+    idempotent and takes rows with SKIP LOCKED), though once is enough."""
+    env.runtime().app.start(["beat", "--loglevel", loglevel, *celery_args])
 
 
 @main.command()

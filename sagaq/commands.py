@@ -6,14 +6,21 @@ Each returns plain records or a :class:`Story`; rendering is the caller's busine
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from sagaq.errors import InputError, UnknownSagaError
 from sagaq.machine import Direction, SagaState, StepStatus
-from sagaq.store import EventRecord, SagaRecord, StepRunRecord, Store
+from sagaq.store import (
+    EventRecord,
+    NotificationRecord,
+    Outcome,
+    SagaRecord,
+    StepRunRecord,
+    Store,
+)
 
 if TYPE_CHECKING:
     from sagaq.runtime import Runtime
@@ -26,6 +33,7 @@ class Story:
     saga: SagaRecord
     runs: list[StepRunRecord]
     events: list[EventRecord]
+    notifications: list[NotificationRecord] = field(default_factory=list)
 
     def succeeded(self) -> list[str]:
         """Forward steps, in the order they succeeded."""
@@ -34,6 +42,24 @@ class Story:
     def compensated(self) -> list[str]:
         """Steps whose compensation ran, in the order it ran."""
         return self._steps(Direction.COMPENSATE)
+
+    def rungs(self) -> list[int]:
+        """The ladder rungs climbed, in order, not-applicable ones included.
+
+        A compensation's own short ladder (its retries) is on the timeline but not here:
+        this is the saga's climb, 0 → 1 → 2 → 3 (roll back) → 4 (page).
+        """
+        return [
+            int(e.data["level"])
+            for e in self.events
+            if e.kind == "ladder.rung"
+            and (e.data.get("direction") == "forward" or e.data.get("level") == 4)
+        ]
+
+    def pages(self) -> int:
+        """Pages delivered (triggers, not resolves), on any channel, counted per incident."""
+        return len({n.incident for n in self.notifications
+                    if n.kind == "page" and n.action == "trigger" and n.status == "sent"})
 
     def _steps(self, direction: Direction) -> list[str]:
         done = [
@@ -52,6 +78,8 @@ class Story:
             "state": s.state.value,
             "succeeded": self.succeeded(),
             "compensated": self.compensated(),
+            "rungs": self.rungs(),
+            "pages": self.pages(),
             "error": s.error,
         }
 
@@ -60,7 +88,9 @@ class Story:
             "saga": _plain(asdict(self.saga)),
             "step_runs": [_plain(asdict(r)) for r in self.runs],
             "events": [_plain(asdict(e)) for e in self.events],
-            **{k: v for k, v in self.summary().items() if k in ("succeeded", "compensated")},
+            "notifications": [_plain(asdict(n)) for n in self.notifications],
+            **{k: v for k, v in self.summary().items()
+               if k in ("succeeded", "compensated", "rungs", "pages")},
         }
 
 
@@ -92,7 +122,12 @@ def resolve_id(store: Store, ref: str) -> str:
 
 def story(store: Store, ref: str) -> Story:
     saga_id = resolve_id(store, ref)
-    return Story(store.get_saga_or_raise(saga_id), store.step_runs(saga_id), store.events(saga_id))
+    return Story(
+        store.get_saga_or_raise(saga_id),
+        store.step_runs(saga_id),
+        store.events(saga_id),
+        store.notifications(saga_id),
+    )
 
 
 def parse_state(value: str | None) -> SagaState | None:
@@ -120,3 +155,19 @@ def enqueue(runtime: Runtime, name: str, raw_input: str | None, *, key: str | No
     except json.JSONDecodeError as exc:
         raise InputError(f"input is not valid JSON: {exc}") from None
     return runtime.engine.enqueue(runtime.registry.get(name), payload, key=key)
+
+
+def retry(runtime: Runtime, ref: str, *, by: str, note: str | None = None) -> Outcome:
+    """A saga in needs_human runs what is left: its compensations, or its failed step."""
+    outcome = runtime.store.retry(resolve_id(runtime.store, ref), by=by, note=note)
+    runtime.engine.publish_now(outcome.dispatches)
+    return outcome
+
+
+def resolve(runtime: Runtime, ref: str, *, by: str, note: str) -> Outcome:
+    """A human has put things right: the saga is resolved and its page closed."""
+    if not note.strip():
+        raise InputError("say what you did: --note is required")
+    outcome = runtime.store.resolve(resolve_id(runtime.store, ref), by=by, note=note)
+    runtime.engine.publish_now(outcome.dispatches)
+    return outcome

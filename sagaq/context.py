@@ -32,6 +32,9 @@ class StepContext:
     result: Any = None  # for a compensation (or verify): the forward result being undone
     worker: str | None = None
     task_id: str | None = None
+    level: int = 0  # the ladder rung this attempt runs at
+    tier: str | None = None  # the model tier to use (rung 2 switches it)
+    errors: tuple[str, ...] = ()  # earlier attempts' errors, oldest first: for a re-prompt
 
     @property
     def key(self) -> str:

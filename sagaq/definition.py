@@ -28,6 +28,8 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, overload
 
 from sagaq.errors import DefinitionError, UnknownSagaError
+from sagaq.failures import Classifier
+from sagaq.ladder import Bounds
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 
 Action = Callable[["StepContext", Any], Any]
 Verify = Callable[["StepContext", Any], bool]
+Validate = Callable[["StepContext", Any], Any]  # (ctx, result) -> False or raise to reject
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -67,6 +70,12 @@ class Step:
     side_effect: bool = True
     retries: int | None = None  # None: the settings' default for the kind
     timeout: float | None = None  # seconds the action may run; None: the settings' default
+    rungs: frozenset[int] = frozenset({0})  # which of ladder rungs 0-2 apply
+    tiers: tuple[str, ...] = ()  # model tiers, small → large; the first is the default
+    fallback: Action | None = None  # run at rung 2 once the tiers are spent
+    validate: Validate | None = None  # rejects a result: a logical failure
+    ladder: Bounds = field(default_factory=Bounds)
+    classify: tuple[Classifier, ...] = ()
 
     @property
     def task_name(self) -> str:
@@ -104,12 +113,22 @@ class _Pending:
 class Saga:
     """A named, versioned, ordered list of steps."""
 
-    def __init__(self, name: str, *, registry: Registry | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        ladder: Bounds | None = None,
+        classify: Classifier | tuple[Classifier, ...] = (),
+        registry: Registry | None = None,
+    ) -> None:
         if not isinstance(name, str) or not _NAME.match(name):
             raise DefinitionError(
                 str(name), None, "a saga name is letters, digits and underscores, not a digit first"
             )
         self.name = name
+        self.ladder = ladder or Bounds()
+        self.classify = (classify,) if callable(classify) else tuple(classify)
+        self.refresh_hook: Action | None = None
         self._pending: list[_Pending] = []
         self._helpers: dict[str, Callable[..., Any]] = {}
         self._steps: tuple[Step, ...] | None = None
@@ -139,6 +158,12 @@ class Saga:
         side_effect: bool = True,
         retries: int | None = None,
         timeout: float | None = None,
+        rungs: tuple[int, ...] | None = None,
+        tiers: tuple[str, ...] = (),
+        fallback: Action | None = None,
+        validate: Validate | None = None,
+        ladder: Bounds | None = None,
+        classify: Classifier | tuple[Classifier, ...] = (),
     ) -> Callable[[Action], Action]: ...
 
     def step(
@@ -155,8 +180,22 @@ class Saga:
         side_effect: bool = True,
         retries: int | None = None,
         timeout: float | None = None,
+        rungs: tuple[int, ...] | None = None,
+        tiers: tuple[str, ...] = (),
+        fallback: Action | None = None,
+        validate: Validate | None = None,
+        ladder: Bounds | None = None,
+        classify: Classifier | tuple[Classifier, ...] = (),
     ) -> Action | Callable[[Action], Action]:
-        """Declare the next step; use as ``@saga.step`` or ``@saga.step(...)``."""
+        """Declare the next step; use as ``@saga.step`` or ``@saga.step(...)``.
+
+        ``compensate`` undoes it (a function or the name of a ``@saga.compensation``);
+        ``verify`` reads back whether its effect landed; ``kind`` places it relative to the
+        pivot. Ladder options: ``retries`` (rung 0), ``tiers`` and ``fallback`` (rung 2),
+        ``rungs`` (which of 0-2 apply; default 0, plus 1 and 2 for a step with tiers),
+        ``validate`` (reject a result as a logical failure), ``ladder`` (all budgets),
+        ``classify`` (map this step's own exceptions to failure classes).
+        """
 
         def add(action: Action) -> Action:
             self._add(
@@ -170,6 +209,12 @@ class Saga:
                 side_effect=side_effect,
                 retries=retries,
                 timeout=timeout,
+                rungs=rungs,
+                tiers=tiers,
+                fallback=fallback,
+                validate=validate,
+                ladder=ladder,
+                classify=classify,
             )
             return action
 
@@ -183,6 +228,17 @@ class Saga:
     def verifier(self, fn: Verify) -> Verify:
         """Register a read-back that steps name with ``verify="..."``."""
         self._helper(fn)
+        return fn
+
+    def refresh(self, fn: Action) -> Action:
+        """Register the hook that re-reads the world after an environmental failure.
+
+        It receives the failing step's context; what it writes into ``ctx.checkpoint`` (or
+        returns, as a dict) is saved, and the step restarts with that state.
+        """
+        if not callable(fn):
+            raise DefinitionError(self.name, None, "the refresh hook must be callable")
+        self.refresh_hook = fn
         return fn
 
     def _helper(self, fn: Callable[..., Any]) -> None:
@@ -223,6 +279,7 @@ class Saga:
                 self.name, name, f"unknown kind {kind!r} (one of {kinds})"
             ) from None
         _check_options(self.name, name, step_kind, compensate, options)
+        options = _ladder_options(self.name, name, options)
         _check_order(self.name, name, step_kind, [p.kind for p in self._pending])
         self._pending.append(_Pending(name, action, step_kind, compensate, verify, options))
 
@@ -345,6 +402,41 @@ def _check_options(
     timeout = options.get("timeout")
     if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
         raise DefinitionError(saga, step, "timeout must be a positive number of seconds")
+
+
+def _ladder_options(saga: str, step: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Normalise the ladder options of one step; raise on the ones that cannot work."""
+    tiers = options.get("tiers") or ()
+    if isinstance(tiers, str) or not all(isinstance(t, str) and t for t in tiers):
+        raise DefinitionError(saga, step, "tiers is a tuple of tier names, small → large")
+    tiers = tuple(tiers)
+    if len(set(tiers)) != len(tiers) or "fallback" in tiers:
+        raise DefinitionError(saga, step, "tier names are unique and not 'fallback'")
+    fallback = options.get("fallback")
+    if fallback is not None and not callable(fallback):
+        raise DefinitionError(saga, step, "fallback must be callable")
+    rungs = options.get("rungs")
+    if rungs is None:
+        rungs = (0, 1, 2) if tiers or fallback else (0,)
+    if not set(rungs) <= {0, 1, 2}:
+        raise DefinitionError(saga, step, "rungs names which of ladder rungs 0, 1, 2 apply")
+    ladder = options.get("ladder") or Bounds()
+    if not isinstance(ladder, Bounds):
+        raise DefinitionError(saga, step, "ladder must be a sagaq.ladder.Bounds")
+    if options.get("retries") is not None:
+        ladder = Bounds(retries=options["retries"]).over(ladder)
+    classify = options.get("classify") or ()
+    classify = (classify,) if callable(classify) else tuple(classify)
+    validate = options.get("validate")
+    if validate is not None and not callable(validate):
+        raise DefinitionError(saga, step, "validate must be callable")
+    return {
+        **options,
+        "tiers": tiers + (("fallback",) if fallback else ()),
+        "rungs": frozenset(rungs),
+        "ladder": ladder,
+        "classify": classify,
+    }
 
 
 def _check_order(saga: str, step: str, kind: StepKind, before: list[StepKind]) -> None:

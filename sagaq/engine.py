@@ -17,6 +17,7 @@ import logging
 import random
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
 
@@ -26,12 +27,22 @@ from sqlalchemy.orm import Session
 from sagaq import ladder
 from sagaq.context import StepContext
 from sagaq.definition import Registry, Saga, Step, StepKind, sagas
-from sagaq.errors import InputError
+from sagaq.errors import InputError, LogicalError
+from sagaq.failures import FailureClass, classify
 from sagaq.keys import idempotency_key
 from sagaq.ladder import Then
-from sagaq.machine import Direction, SagaState, StepStatus
+from sagaq.machine import Direction, StepStatus
 from sagaq.settings import Settings
-from sagaq.store import ClaimStatus, Dispatch, NewRun, Outcome, SagaRecord, StepRunRecord, Store
+from sagaq.store import (
+    Claim,
+    ClaimStatus,
+    Dispatch,
+    NewRun,
+    Outcome,
+    SagaRecord,
+    StepRunRecord,
+    Store,
+)
 
 log = logging.getLogger("sagaq.engine")
 
@@ -169,32 +180,39 @@ class Engine:
             return self._resolve_unknown(claim.run, worker, task_id)
         if claim.status is not ClaimStatus.CLAIMED:
             return f"dropped ({claim.status.value})"
-        assert claim.saga is not None
-        return self._run(claim.saga, claim.run, claim.forward_result, worker, task_id)
+        return self._run(claim, worker, task_id)
 
     def _run(
-        self, saga: SagaRecord, run: StepRunRecord, forward_result: Any, worker: str,
-        task_id: str | None,
+        self, claim: Claim, worker: str, task_id: str | None,
     ) -> str:
+        saga, run = claim.saga, claim.run
+        assert saga is not None and run is not None
         try:
             definition = self.registry.get(saga.name)
             step = definition.step_named(run.step)
         except Exception as exc:  # a deploy removed it: say so, do not guess
             return self._failed(saga, run, None, exc, worker, task_id, force=Then.ESCALATE)
-        ctx = self._context(saga, run, forward_result, worker, task_id)
+        ctx = self._context(saga, run, claim.forward_result, worker, task_id, claim.errors)
         forward = run.direction is Direction.FORWARD
-        fn = step.action if forward else step.compensate
+        if not forward:
+            fn = step.compensate
+        elif run.tier == "fallback" and step.fallback is not None:
+            fn = step.fallback
+        else:
+            fn = step.action
         try:
             if fn is None:
                 raise InputError(f"step {step.name!r} no longer has a compensation")
             value = fn(ctx, saga.input)
+            if forward and step.validate is not None and step.validate(ctx, value) is False:
+                raise LogicalError(f"validate rejected the result of {step.name}")
         except Exception as exc:
-            return self._failed(saga, run, step, exc, worker, task_id)
+            return self._failed(saga, run, step, exc, worker, task_id, ctx=ctx)
         try:
             result = to_json(value, f"result of {saga.name}.{step.name}")
             data = to_json(ctx.checkpoint, f"checkpoint after {saga.name}.{step.name}")
         except InputError as exc:  # it returned, so its effect may have landed
-            return self._failed(saga, run, step, exc, worker, task_id, force=None, landed=True)
+            return self._failed(saga, run, step, exc, worker, task_id, landed=True)
         checkpoint = None
         next_run = None
         if forward:
@@ -218,46 +236,84 @@ class Engine:
         worker: str,
         task_id: str | None,
         *,
+        ctx: StepContext | None = None,
         force: Then | None = None,
         landed: bool = False,
         expected: StepStatus = StepStatus.RUNNING,
     ) -> str:
-        failure = ladder.FailureClass.TERMINAL if landed else ladder.classify(exc)
+        """Classify, let the ladder decide, record it all in one transaction, publish."""
         if step is None or force is Then.ESCALATE:
-            decision = ladder.Decision(Then.ESCALATE, 4, describe(exc))
+            failure = FailureClass.TERMINAL
+            rung = ladder.Rung(4, True, "page", f"cannot go on: {describe(exc)}")
+            decision = ladder.Decision(Then.ESCALATE, (rung,), 4)
         else:
-            decision = ladder.decide(
-                ladder.Failure(
-                    direction=run.direction,
-                    attempt=run.attempt,
-                    retries=self._retries(step, run.direction),
-                    failure=failure,
-                    after_pivot=self._after_pivot(saga.name, step),
-                ),
-                base=self.settings.retry_base,
-                cap=self.settings.retry_cap,
-                rng=self.rng,
+            definition = self.registry.get(saga.name)
+            failure = (FailureClass.TERMINAL if landed
+                       else classify(exc, (*step.classify, *definition.classify)))
+            history = (
+                *(ladder.Attempt(r.level, r.tier, FailureClass(r.failure or "transient"))
+                  for r in self.store.round_of(run)),
+                ladder.Attempt(run.level, run.tier, failure),
             )
+            facts = ladder.StepFacts(
+                direction=run.direction,
+                rungs=step.rungs,
+                tiers=step.tiers,
+                refresh=definition.refresh_hook is not None,
+                after_pivot=definition.pivot_index is not None
+                and step.index > definition.pivot_index,
+            )
+            decision = ladder.decide(facts, history, self._bounds(definition, step), self.rng)
         retry = None
         if decision.then is Then.RETRY and step is not None:
-            retry = self._new_run(saga.id, step, run.direction, run.attempt + 1,
-                                  delay=decision.delay, reason=decision.reason)
+            retry = replace(
+                self._new_run(saga.id, step, run.direction, run.attempt + 1,
+                              delay=decision.delay, reason=decision.reason),
+                level=decision.level,
+                tier=decision.tier,
+                durable=decision.delay > self.settings.countdown_max,
+            )
+        checkpoint = None
+        if decision.refresh and ctx is not None:
+            checkpoint = self._refresh(saga, step, ctx)
         outcome = self.store.fail(
             saga.id,
             run.id,
             error=describe(exc),
             error_type=type(exc).__name__,
+            failure=failure.value,
             then=decision.then,
+            rungs=decision.rungs,
             retry=retry,
+            checkpoint=checkpoint,
             worker=worker,
             task_id=task_id,
             expected=expected,
             status=StepStatus.UNKNOWN if landed else StepStatus.FAILED,
-            data={"level": decision.level, "reason": decision.reason,
-                  "failure": failure.value},
         )
         self._after(saga, outcome)
         return f"failed ({decision.then.value})" if outcome.won else f"lost ({outcome.note})"
+
+    def _refresh(
+        self, saga: SagaRecord, step: Step | None, ctx: StepContext
+    ) -> dict[str, Any] | None:
+        """Run the saga's refresh hook: the world is re-read into the checkpoint."""
+        hook = self.registry.get(saga.name).refresh_hook
+        if hook is None:
+            return None
+        try:
+            returned = hook(ctx, saga.input)
+            if isinstance(returned, dict):
+                ctx.checkpoint.update(returned)
+            data = to_json(ctx.checkpoint, f"checkpoint refreshed by {saga.name}")
+        except Exception:
+            log.exception("the refresh hook of %s failed; retrying without it", saga.name)
+            return None
+        return {"results": saga.results, "data": data}
+
+    def _bounds(self, definition: Saga, step: Step) -> ladder.Bounds:
+        retryable = step.kind is StepKind.RETRYABLE
+        return step.ladder.over(definition.ladder, self.settings.bounds(retryable=retryable))
 
     def _resolve_unknown(self, run: StepRunRecord, worker: str, task_id: str | None) -> str:
         """A run whose lease expired: read back with ``verify``, else retry or page."""
@@ -308,7 +364,7 @@ class Engine:
 
     def _context(
         self, saga: SagaRecord, run: StepRunRecord, forward_result: Any, worker: str,
-        task_id: str | None,
+        task_id: str | None, errors: tuple[str, ...] = (),
     ) -> StepContext:
         data: Mapping[str, Any] = saga.checkpoint.get("data", {})
         return StepContext(
@@ -324,7 +380,17 @@ class Engine:
             result=forward_result,
             worker=worker,
             task_id=task_id,
+            level=run.level,
+            tier=run.tier or self._default_tier(saga.name, run.step),
+            errors=errors,
         )
+
+    def _default_tier(self, saga: str, step: str) -> str | None:
+        try:
+            tiers = self.registry.get(saga).step_named(step).tiers
+        except Exception:
+            return None
+        return tiers[0] if tiers else None
 
     def _new_run(
         self,
@@ -351,24 +417,13 @@ class Engine:
             reason=reason,
         )
 
-    def _retries(self, step: Step, direction: Direction) -> int:
-        if direction is Direction.COMPENSATE:
-            return self.settings.compensation_retries
-        if step.retries is not None:
-            return step.retries
-        if step.kind is StepKind.RETRYABLE:
-            return self.settings.retryable_retries
-        return self.settings.retries
-
-    def _after_pivot(self, saga: str, step: Step) -> bool:
-        pivot = self.registry.get(saga).pivot_index
-        return pivot is not None and step.index > pivot
-
     def _after(self, saga: SagaRecord, outcome: Outcome) -> None:
+        # Entering needs_human queued the page (the log notifier is always one channel).
         self._publish(outcome.dispatches)
-        if outcome.entered is SagaState.NEEDS_HUMAN:
-            log.error("saga %s (%s) needs a human; see `sagaq show %s`",
-                      saga.id, saga.name, saga.id)
+
+    def publish_now(self, dispatches: Sequence[Dispatch]) -> None:
+        """Publish messages whose rows are committed (a failure leaves them to the outbox)."""
+        self._publish(dispatches)
 
     def _publish(self, dispatches: Sequence[Dispatch]) -> None:
         if not dispatches:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import importlib
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from sagaq.definition import Registry, sagas
 from sagaq.engine import Engine
 from sagaq.errors import ConfigurationError
+from sagaq.notify.base import Kind, Notifier
+from sagaq.notify.config import load_notifiers, notifiers_by_name
+from sagaq.reconciler import Sweep, sweep
 from sagaq.settings import Settings
 from sagaq.store import Store
 from sagaq.store.database import create_engine
@@ -20,16 +24,29 @@ if TYPE_CHECKING:
 class Runtime:
     """Everything one process needs to enqueue and run sagas."""
 
-    def __init__(self, settings: Settings, *, registry: Registry = sagas) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: Registry = sagas,
+        notifiers: Sequence[Notifier] | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = registry
         import_modules(settings.imports)
+        # A malformed notifier configuration fails here, at start-up, naming the variable.
+        self.notifiers = notifiers_by_name(load_notifiers() if notifiers is None else notifiers)
+        channels = {
+            kind: tuple(name for name, n in self.notifiers.items() if kind in n.kinds)
+            for kind in Kind
+        }
         self.store = Store(
             create_engine(
                 settings.database_url,
                 pool_size=settings.pool_size,
                 max_overflow=settings.max_overflow,
-            )
+            ),
+            channels=channels,
         )
         self._app: Celery | None = None
         self._lock = threading.Lock()
@@ -51,6 +68,20 @@ class Runtime:
 
                 self._app = create_app(self)
             return self._app
+
+    def deliver(self, notification_id: int) -> str:
+        """Send one notification (the ``sagaq.notify`` task); publishes a retry if needed."""
+        from sagaq.notify.delivery import deliver
+
+        word, dispatches = deliver(self.store, self.notifiers, notification_id)
+        self.engine.publish_now(dispatches)
+        return word
+
+    def reconcile(self) -> Sweep:
+        """One reconciler pass (the ``sagaq.reconcile`` beat task, ``sagaq reconcile``)."""
+        result = sweep(self.store)
+        self.engine.publish_now(result.dispatches)
+        return result
 
     def close(self) -> None:
         if self._app is not None:

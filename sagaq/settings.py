@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from sagaq.errors import ConfigurationError
+from sagaq.ladder import Bounds
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/sagaq"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
@@ -26,11 +27,16 @@ class Settings:
     visibility_timeout: float = 3600.0  # Redis redelivers unacked messages after this
     step_timeout: float = 300.0  # default time a step may run; its lease is a bit longer
     lease_margin: float = 30.0
-    retries: int = 3  # default retries of a failing step before the pivot
-    retryable_retries: int = 10  # default retries of a retryable step after the pivot
-    compensation_retries: int = 3
+    retries: int = 3  # ladder rung 0: retries of the same input
+    retryable_retries: int = 10  # rung 0 for retryable steps: after the pivot the budget is larger
+    reprompts: int = 2  # rung 1: re-runs with the earlier errors in context
+    per_tier: int = 1  # rung 2: attempts on each further model tier
+    refreshes: int = 2  # environmental failures answered by the saga's refresh hook
+    compensation_retries: int = 3  # a compensation's own short ladder, then a page
     retry_base: float = 1.0  # seconds; backoff doubles per attempt
     retry_cap: float = 30.0
+    countdown_max: float = 30.0  # longer delays wait in Postgres (wake_at), not in Redis
+    reconcile_interval: float = 5.0  # seconds between reconciler sweeps (Celery beat)
     pool_size: int = 2  # per process: connections ~ concurrency * (pool + overflow)
     max_overflow: int = 2
 
@@ -49,7 +55,8 @@ class Settings:
         return replace(self, **changes).validated()
 
     def validated(self) -> Settings:
-        seconds = ("visibility_timeout", "step_timeout", "lease_margin", "retry_base", "retry_cap")
+        seconds = ("visibility_timeout", "step_timeout", "lease_margin", "retry_base", "retry_cap",
+                   "countdown_max", "reconcile_interval")
         for name in seconds:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
@@ -62,12 +69,32 @@ class Settings:
                 f"SAGAQ_VISIBILITY_TIMEOUT ({self.step_timeout:g} + {self.lease_margin:g} >= "
                 f"{self.visibility_timeout:g}), or Redis redelivers running steps"
             )
+        if self.countdown_max >= self.visibility_timeout:
+            raise ConfigurationError(
+                "SAGAQ_COUNTDOWN_MAX must stay below SAGAQ_VISIBILITY_TIMEOUT: a countdown "
+                "message waits unacknowledged, and Redis would redeliver it"
+            )
         if self.retry_base <= 0 or self.retry_cap < self.retry_base:
             raise ConfigurationError("SAGAQ_RETRY_BASE must be > 0 and <= SAGAQ_RETRY_CAP")
-        for name in ("retries", "retryable_retries", "compensation_retries", "pool_size"):
+        counts = ("retries", "retryable_retries", "reprompts", "per_tier", "refreshes",
+                  "compensation_retries", "pool_size")
+        for name in counts:
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"SAGAQ_{name.upper()} must be >= 0")
         return self
+
+
+    def bounds(self, *, retryable: bool = False) -> Bounds:
+        """The global ladder budgets (a saga's and a step's own bounds sit on top)."""
+        return Bounds(
+            retries=self.retryable_retries if retryable else self.retries,
+            reprompts=self.reprompts,
+            per_tier=self.per_tier,
+            refreshes=self.refreshes,
+            compensation_retries=self.compensation_retries,
+            base=self.retry_base,
+            cap=self.retry_cap,
+        )
 
 
 def _parse(var: str, raw: str, kind: Any) -> Any:

@@ -21,6 +21,9 @@ from kombu.asynchronous import set_event_loop
 from sagaq.definition import Saga, Step
 from sagaq.machine import Direction
 from sagaq.store import Dispatch
+from sagaq.store.base import NOTIFY_TASK
+
+RECONCILE_TASK = "sagaq.reconcile"
 
 if TYPE_CHECKING:
     from sagaq.runtime import Runtime
@@ -64,6 +67,7 @@ def create_app(runtime: Runtime, *, main: str = "sagaq") -> Celery:
     app.sagaq_runtime = runtime
     for saga in runtime.registry:
         register_saga(app, runtime, saga)
+    _register_edges(app, runtime)
 
     def _after_fork(**_: Any) -> None:
         # Pooled connections were opened by the parent; the child must not share them.
@@ -71,6 +75,30 @@ def create_app(runtime: Runtime, *, main: str = "sagaq") -> Celery:
 
     signals.worker_process_init.connect(_after_fork, weak=False)
     return app
+
+
+def _register_edges(app: Celery, runtime: Runtime) -> None:
+    """The notification task and the reconciler's beat task."""
+
+    def notify(saga_id: str, notification_id: int) -> str:
+        return runtime.deliver(int(notification_id))
+
+    def reconcile() -> dict[str, int]:
+        return runtime.reconcile().summary()
+
+    app.task(name=NOTIFY_TASK, shared=False, acks_late=True,
+             reject_on_worker_lost=True, soft_time_limit=60, time_limit=90)(notify)
+    # A missed beat tick is harmless (the next one sweeps the same rows): let it expire.
+    app.task(name=RECONCILE_TASK, shared=False, soft_time_limit=120, time_limit=150,
+             expires=max(runtime.settings.reconcile_interval, 1.0))(reconcile)
+
+    app.conf.beat_schedule = {
+        "sagaq-reconcile": {
+            "task": RECONCILE_TASK,
+            "schedule": runtime.settings.reconcile_interval,
+            "options": {"queue": runtime.settings.queue},
+        }
+    }
 
 
 def register_saga(app: Celery, runtime: Runtime, saga: Saga) -> None:
@@ -96,6 +124,7 @@ def _register(app: Celery, runtime: Runtime, step: Step, direction: Direction) -
     run.__doc__ = f"{direction.value} of step {step.name!r} of saga {step.saga!r}"
     app.task(
         name=name,
+        shared=False,  # bound to this runtime: never lent to other apps in the process
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,
@@ -147,6 +176,9 @@ def embedded_worker(
 ) -> Iterator[WorkController]:
     """Run a real Celery worker in a background thread of this process."""
     app.finalize()
+    # Pool threads start without a current app and trace tasks through the process default
+    # app: make it this one (our tasks are not shared with other apps).
+    app.set_default()
     # Celery's Hub step reuses kombu's process-global event loop if one is set: a second
     # worker in this process would share (and, on stop, close) the first one's loop.
     set_event_loop(None)

@@ -72,7 +72,10 @@ class StandIn:
             self._records.clear()
 
 
-SYSTEMS = ("identity", "iam", "runtime", "vault", "crm", "billing", "email")
+SYSTEMS = (
+    "identity", "iam", "runtime", "vault", "crm", "billing", "email",
+    "seats", "payments", "licenses", "tickets", "chat",
+)
 services: dict[str, StandIn] = {name: StandIn(name) for name in SYSTEMS}
 
 
@@ -84,14 +87,41 @@ def all_calls(saga_id: str | None = None) -> list[Call]:
 def reset() -> None:
     for s in services.values():
         s.reset()
+    model.reset()
+
+
+class Model:
+    """A stand-in for an LLM: answers JSON, except on the tiers the input calls weak.
+
+    A weak tier answers prose instead of the JSON asked for, the classic invalid output; a
+    re-prompt that carries the earlier errors does not help it, a stronger tier does.
+    """
+
+    def __init__(self) -> None:
+        self.prompts: list[tuple[str, str, str]] = []  # (saga_id, tier, prompt)
+        self._lock = threading.Lock()
+
+    def complete(self, ctx: StepContext, prompt: str, weak: tuple[str, ...]) -> str:
+        with self._lock:
+            self.prompts.append((ctx.saga_id, ctx.tier or "", prompt))
+        if ctx.tier in weak:
+            return "Sure! This ticket looks like a billing question, probably."
+        return '{"queue": "billing", "priority": "high"}'
+
+    def reset(self) -> None:
+        with self._lock:
+            self.prompts.clear()
+
+
+model = Model()
 
 
 def simulate(ctx: StepContext, inp: dict[str, Any]) -> None:
     """Faults the demo and the tests ask for in the saga input, under ``"simulate"``.
 
     ``{"fail": "step"}`` fails that step terminally; ``{"flaky": {"step": n}}`` fails it
-    transiently on its first ``n`` attempts; ``{"fail_compensation": "step"}`` makes that
-    step's compensation fail every time.
+    transiently on its first ``n`` attempts; ``{"always_flaky": "step"}`` on every attempt;
+    ``{"fail_compensation": "step"}`` makes that step's compensation fail every time.
     """
     sim = inp.get("simulate", {}) if isinstance(inp, dict) else {}
     if ctx.compensating:
@@ -100,5 +130,7 @@ def simulate(ctx: StepContext, inp: dict[str, Any]) -> None:
         return
     if sim.get("fail") == ctx.step:
         raise TerminalError(f"{ctx.step}: rejected by the remote system (422)")
+    if sim.get("always_flaky") == ctx.step:
+        raise TransientError(f"{ctx.step}: upstream answers 503 (attempt {ctx.attempt})")
     if ctx.attempt <= int(sim.get("flaky", {}).get(ctx.step, 0)):
         raise TransientError(f"{ctx.step}: upstream timed out (attempt {ctx.attempt})")

@@ -68,9 +68,18 @@ class SagaModel(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Counts escalations to needs_human: one incident, one page (its dedup key).
+    incident: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    wake_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # a durable wait ends
 
     __table_args__ = (
         sa.UniqueConstraint("name", "key", name="uq_sagaq_sagas_name_key"),
+        sa.Index(
+            "ix_sagaq_sagas_wake_at",
+            "wake_at",
+            postgresql_where=sa.text("state = 'waiting'"),
+            sqlite_where=sa.text("state = 'waiting'"),
+        ),
         sa.Index("ix_sagaq_sagas_created_at", "created_at"),
         # Serves "active sagas" (ls --state running, the reconciler) without finished rows.
         sa.Index(
@@ -109,6 +118,9 @@ class StepRunModel(Base):
     result: Mapped[Any] = mapped_column(Json, nullable=True)
     error: Mapped[str | None] = mapped_column(sa.Text)
     error_type: Mapped[str | None] = mapped_column(sa.String(255))
+    level: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")  # ladder rung
+    tier: Mapped[str | None] = mapped_column(sa.String(100))  # model tier of this attempt
+    failure: Mapped[str | None] = mapped_column(sa.String(32))  # failure class, if it failed
     scheduled_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -162,6 +174,7 @@ class OutboxModel(Base):
         sa.String(36), sa.ForeignKey("sagaq_sagas.id", ondelete="CASCADE")
     )
     step_run_id: Mapped[int | None] = mapped_column(BigId, unique=True)
+    notification_id: Mapped[int | None] = mapped_column(BigId, unique=True)
     task_name: Mapped[str] = mapped_column(sa.String(450))
     args: Mapped[Any] = mapped_column(Json)
     message_id: Mapped[str] = mapped_column(sa.String(64))
@@ -171,6 +184,36 @@ class OutboxModel(Base):
     __table_args__ = (sa.Index("ix_sagaq_outbox_available_at", "available_at"),)
 
 
+class NotificationModel(Base):
+    """A page or notice for one channel; delivered by its own task, through the outbox."""
+
+    __tablename__ = "sagaq_notifications"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    saga_id: Mapped[str] = mapped_column(
+        sa.String(36), sa.ForeignKey("sagaq_sagas.id", ondelete="CASCADE")
+    )
+    incident: Mapped[int] = mapped_column(sa.Integer)
+    channel: Mapped[str] = mapped_column(sa.String(64))
+    kind: Mapped[str] = mapped_column(sa.String(16))  # page | notify
+    action: Mapped[str] = mapped_column(sa.String(16))  # trigger | resolve
+    dedup_key: Mapped[str] = mapped_column(sa.String(255))
+    status: Mapped[str] = mapped_column(sa.String(16))  # pending | sent | failed
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    note: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        sa.UniqueConstraint(
+            "saga_id", "incident", "channel", "kind", "action", name="uq_sagaq_notifications_once"
+        ),
+        sa.Index("ix_sagaq_notifications_saga_id", "saga_id", "id"),
+    )
+
+
 metadata = Base.metadata
 
 # Core tables, for the store's SQL.
@@ -178,3 +221,4 @@ SAGAS = cast(sa.Table, SagaModel.__table__)
 RUNS = cast(sa.Table, StepRunModel.__table__)
 EVENTS = cast(sa.Table, EventModel.__table__)
 OUTBOX = cast(sa.Table, OutboxModel.__table__)
+NOTIFICATIONS = cast(sa.Table, NotificationModel.__table__)

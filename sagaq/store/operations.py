@@ -1,30 +1,24 @@
-"""The store: the few transactional operations the engine needs. All SQL lives here.
+"""The store: the named operations the engine and the operators need. All SQL lives here.
 
-Every state change is a guarded UPDATE (``WHERE state = :expected`` / ``status = :expected``)
-that reports whether it won; a loser rolls its whole transaction back and returns
-``Outcome(won=False)``. Each operation that changes what should run next writes the step run
-and its outbox row in the same transaction and returns the :class:`Dispatch` to publish after
-the commit. Operations lock the saga row first, so two writers on one saga serialize.
+One operation, one transaction. See :mod:`sagaq.store.base` for the rules every write
+follows (guarded updates, the saga row locked first, outbox rows beside state changes).
 """
 
 from __future__ import annotations
 
-import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from sagaq.errors import UnknownSagaError
-from sagaq.keys import idempotency_key
-from sagaq.ladder import Then
-from sagaq.machine import Direction, SagaState, StepStatus, next_state
-from sagaq.store.models import OUTBOX, RUNS, SAGAS, SagaModel
+from sagaq.ladder import Rung, Then
+from sagaq.machine import Direction, SagaState, StepStatus
+from sagaq.notify.base import Action, Kind
+from sagaq.store.base import Lost, uncompensated_query
+from sagaq.store.models import EVENTS, OUTBOX, RUNS, SAGAS
+from sagaq.store.notices import Notices
 from sagaq.store.records import (
     Claim,
     ClaimStatus,
@@ -32,73 +26,19 @@ from sagaq.store.records import (
     NewRun,
     Outcome,
     SagaRecord,
+    StepRunRecord,
 )
+from sagaq.store.sweeps import Sweeps
 from sagaq.store.timeline import Timeline, saga_record, step_run_record
 from sagaq.store.views import Views
-
-T = TypeVar("T")
 
 _FINAL_RUN = {StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.UNKNOWN}
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+class Store(Notices, Sweeps, Views):
+    """Named operations over the sagaq tables."""
 
-
-class _Lost(Exception):
-    """A guard did not match: roll the transaction back and report ``won=False``."""
-
-    def __init__(self, note: str) -> None:
-        super().__init__(note)
-        self.note = note
-
-
-class Store(Views):
-    """Named operations over the sagaq tables (reads come from :class:`Views`)."""
-
-    def __init__(self, engine: sa.Engine, *, clock: Callable[[], datetime] = utcnow) -> None:
-        self.engine = engine
-        self.clock = clock
-
-    def dispose(self, *, close: bool = True) -> None:
-        """Forget pooled connections; ``close=False`` after a fork (the parent owns them)."""
-        self.engine.dispose(close=close)
-
-    # -- transactions -------------------------------------------------------------------
-
-    @contextmanager
-    def _tx(self, session: Session | None = None) -> Iterator[sa.Connection]:
-        if session is not None:
-            yield session.connection()  # the caller commits, or not
-            return
-        with self.engine.begin() as conn:
-            yield conn
-
-    def _retrying(self, op: Callable[[], T], attempts: int = 4) -> T:
-        """Run ``op`` again after a deadlock, a serialization failure or a dropped connection.
-
-        Every operation is one transaction of guarded writes, so running it again is safe: if
-        the first try did commit, the guards make the second a no-op that reports it lost.
-        """
-        for attempt in range(1, attempts + 1):
-            try:
-                return op()
-            except sa.exc.DBAPIError as exc:
-                code = getattr(exc.orig, "sqlstate", None)
-                again = (
-                    exc.connection_invalidated
-                    or code in ("40P01", "40001")
-                    or "database is locked" in str(exc.orig)
-                )
-                if attempt == attempts or not again:
-                    raise
-                time.sleep(0.01 * 2**attempt)
-        raise AssertionError("unreachable")
-
-    def _insert(self, conn: sa.Connection) -> Any:
-        return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-
-    # -- writes -------------------------------------------------------------------------
+    # -- starting -----------------------------------------------------------------------
 
     def create_saga(
         self,
@@ -114,7 +54,7 @@ class Store(Views):
         """Write the saga, its first step run, its first events and the outbox row."""
         now = self.clock()
         with self._tx(session) as conn:
-            stmt = self._insert(conn)(SagaModel).values(
+            stmt = self._insert(conn)(SAGAS).values(
                 id=saga_id,
                 name=name,
                 version=version,
@@ -124,10 +64,12 @@ class Store(Views):
                 checkpoint={"results": {}, "data": {}},
                 created_at=now,
                 updated_at=now,
+                incident=0,
             )
             if key is not None:
                 stmt = stmt.on_conflict_do_nothing(index_elements=["name", "key"])
-            if conn.execute(stmt.returning(SAGAS.c.id)).scalar() is None:
+            row = conn.execute(stmt.returning(*SAGAS.c)).first()
+            if row is None:
                 existing = conn.execute(
                     sa.select(SAGAS.c.id).where(SAGAS.c.name == name, SAGAS.c.key == key)
                 ).scalar_one()
@@ -135,9 +77,11 @@ class Store(Views):
             tl = Timeline(saga_id, now)
             tl.add("saga.enqueued", message=f"{name} enqueued",
                    data={"version": version, "key": key})
-            dispatch = self._schedule(conn, saga_id, first, now, tl)
+            _, dispatches = self._schedule(conn, saga_record(row), first, tl)
             tl.flush(conn)
-        return saga_id, True, [dispatch]
+        return saga_id, True, dispatches
+
+    # -- running a step -----------------------------------------------------------------
 
     def claim(
         self, saga_id: str, run_id: int, *, worker: str, task_id: str | None, lease: float
@@ -151,12 +95,16 @@ class Store(Views):
         now = self.clock()
         with self._tx() as conn:
             tl = Timeline(saga_id, now, worker=worker, task_id=task_id)
+            waiting = sa.exists().where(
+                SAGAS.c.id == saga_id, SAGAS.c.state == SagaState.WAITING.value
+            )
             row = conn.execute(
                 sa.update(RUNS)
                 .where(
                     RUNS.c.id == run_id,
                     RUNS.c.saga_id == saga_id,
                     RUNS.c.status == StepStatus.SCHEDULED.value,
+                    ~waiting,  # an early or duplicate message during a durable wait
                 )
                 .values(
                     status=StepStatus.RUNNING.value,
@@ -174,8 +122,7 @@ class Store(Views):
             conn.execute(sa.delete(OUTBOX).where(OUTBOX.c.step_run_id == run_id))
             saga = saga_record(conn.execute(sa.select(SAGAS).where(SAGAS.c.id == saga_id)).one())
             if saga.state is SagaState.PENDING:
-                self._transition(conn, saga.id, saga.name, saga.state, "start", tl)
-                saga = _with_state(saga, SagaState.RUNNING)
+                saga, _ = self._transition(conn, saga, "start", tl)
             forward_result = None
             if run.direction is Direction.COMPENSATE:
                 forward_result = conn.execute(
@@ -189,9 +136,13 @@ class Store(Views):
                     .order_by(RUNS.c.id.desc())
                     .limit(1)
                 ).scalar()
-            tl.run_event(run, "claimed", f"attempt {run.attempt}, delivery {run.deliveries}")
+            errors: tuple[str, ...] = ()
+            if run.attempt > 1:
+                errors = tuple(r.error for r in self._round(conn, run) if r.error)
+            tl.run_event(run, "claimed", f"attempt {run.attempt}, delivery {run.deliveries}",
+                         {"level": run.level, "tier": run.tier})
             tl.flush(conn)
-        return Claim(ClaimStatus.CLAIMED, run, saga, forward_result)
+        return Claim(ClaimStatus.CLAIMED, run, saga, forward_result, errors)
 
     def _not_claimed(
         self, conn: sa.Connection, saga_id: str, run_id: int, now: datetime, tl: Timeline
@@ -204,6 +155,8 @@ class Store(Views):
         run = step_run_record(row)
         if run.status in _FINAL_RUN:
             status, why = ClaimStatus.FINISHED, f"run already {run.status.value}"
+        elif run.status is StepStatus.SCHEDULED:
+            status, why = ClaimStatus.EARLY, "the saga is waiting; the reconciler wakes it"
         elif run.lease_expires_at is not None and run.lease_expires_at <= now:
             return Claim(ClaimStatus.EXPIRED, run)
         else:
@@ -211,6 +164,29 @@ class Store(Views):
         tl.run_event(run, "dropped", f"duplicate delivery dropped: {why}")
         tl.flush(conn)
         return Claim(status, run)
+
+    def round_of(self, run: StepRunRecord) -> list[StepRunRecord]:
+        """The earlier runs of this step in this direction since its last first attempt."""
+        with self.engine.connect() as conn:
+            return self._round(conn, run)
+
+    def _round(self, conn: sa.Connection, run: StepRunRecord) -> list[StepRunRecord]:
+        if run.attempt <= 1:
+            return []
+        rows = conn.execute(
+            sa.select(RUNS)
+            .where(
+                RUNS.c.saga_id == run.saga_id,
+                RUNS.c.step == run.step,
+                RUNS.c.direction == run.direction.value,
+                RUNS.c.id < run.id,
+            )
+            .order_by(RUNS.c.id.desc())
+            .limit(run.attempt - 1)
+        )
+        earlier = [step_run_record(r) for r in rows]
+        earlier.reverse()
+        return earlier
 
     def expire(self, saga_id: str, run_id: int, *, worker: str) -> bool:
         """RUNNING with an expired lease → UNKNOWN. True if this caller made the change."""
@@ -262,9 +238,8 @@ class Store(Views):
             if saga.state is not SagaState.RUNNING or run.direction is not Direction.FORWARD:
                 return []
             if next_run is not None:
-                return [self._schedule(conn, saga_id, next_run, tl.now, tl)]
-            self._transition(conn, saga.id, saga.name, saga.state, "finish", tl, finished=True)
-            return []
+                return self._schedule(conn, saga, next_run, tl)[1]
+            return self._transition(conn, saga, "finish", tl, finished=True)[1]
 
         return self._on_saga(saga_id, op, worker, task_id)
 
@@ -275,20 +250,33 @@ class Store(Views):
         *,
         error: str,
         error_type: str,
+        failure: str,
         then: Then,
+        rungs: tuple[Rung, ...] = (),
         retry: NewRun | None = None,
+        checkpoint: dict[str, Any] | None = None,
         worker: str | None,
         task_id: str | None,
         expected: StepStatus = StepStatus.RUNNING,
         status: StepStatus = StepStatus.FAILED,
-        data: dict[str, Any] | None = None,
     ) -> Outcome:
-        """Record a failed run and apply the engine's decision: retry, roll back or escalate."""
+        """Record a failed run, the ladder rungs it climbed, and apply the decision."""
 
         def op(conn: sa.Connection, saga: SagaRecord, tl: Timeline) -> list[Dispatch]:
+            if checkpoint is not None:  # a refresh re-read the world into it
+                conn.execute(
+                    sa.update(SAGAS).where(SAGAS.c.id == saga_id).values(checkpoint=checkpoint)
+                )
             run = self._finish_run(conn, run_id, expected, status, tl, error,
-                                   error=error, error_type=error_type,
-                                   data={"then": then.value, **(data or {})})
+                                   {"then": then.value, "failure": failure},
+                                   error=error, error_type=error_type, failure=failure)
+            for rung in rungs:
+                mark = "" if rung.applicable else " (not applicable)"
+                tl.add("ladder.rung", step=run.step, run_id=run.id,
+                       message=f"rung {rung.level}: {rung.action}{mark}: {rung.reason}",
+                       data={"level": rung.level, "applicable": rung.applicable,
+                             "action": rung.action, "reason": rung.reason,
+                             "direction": run.direction.value})
             forward = run.direction is Direction.FORWARD
             if saga.state is SagaState.COMPENSATING and forward:
                 return self._advance_rollback(conn, saga, tl)  # rolled back meanwhile
@@ -296,46 +284,13 @@ class Store(Views):
             if saga.state is not live:
                 return []
             if then is Then.RETRY and retry is not None:
-                return [self._schedule(conn, saga_id, retry, tl.now, tl)]
+                return self._schedule(conn, saga, retry, tl)[1]
             if then is Then.ROLLBACK and forward:
                 return self._start_rollback(conn, saga, tl, f"{run.step} failed: {error}")
-            self._transition(conn, saga.id, saga.name, saga.state, "escalate", tl,
-                             error=f"{run.step} ({run.direction.value}) failed: {error}")
-            return []
+            return self._transition(conn, saga, "escalate", tl,
+                                    error=f"{run.step} ({run.direction.value}) failed: {error}")[1]
 
         return self._on_saga(saga_id, op, worker, task_id)
-
-    # -- building blocks ----------------------------------------------------------------
-
-    def _on_saga(
-        self,
-        saga_id: str,
-        op: Callable[[sa.Connection, SagaRecord, Timeline], list[Dispatch]],
-        worker: str | None,
-        task_id: str | None,
-    ) -> Outcome:
-        def attempt() -> Outcome:
-            now = self.clock()
-            try:
-                with self._tx() as conn:
-                    # Lock the saga row first: every writer on one saga takes this lock first.
-                    row = conn.execute(
-                        sa.update(SAGAS)
-                        .where(SAGAS.c.id == saga_id)
-                        .values(updated_at=now)
-                        .returning(*SAGAS.c)
-                    ).first()
-                    if row is None:
-                        raise _Lost(f"saga {saga_id} does not exist")
-                    tl = Timeline(saga_id, now, worker=worker, task_id=task_id)
-                    saga = saga_record(row)
-                    dispatches = op(conn, saga, tl)
-                    tl.flush(conn)
-            except _Lost as lost:
-                return Outcome(False, note=lost.note)
-            return Outcome(True, tl.entered or saga.state, dispatches, entered=tl.entered)
-
-        return self._retrying(attempt)
 
     def _finish_run(
         self,
@@ -345,10 +300,9 @@ class Store(Views):
         status: StepStatus,
         tl: Timeline,
         message: str,
-        *,
         data: dict[str, Any] | None = None,
         **values: Any,
-    ) -> Any:
+    ) -> StepRunRecord:
         row = conn.execute(
             sa.update(RUNS)
             .where(RUNS.c.id == run_id, RUNS.c.status == expected.value)
@@ -356,168 +310,83 @@ class Store(Views):
             .returning(*RUNS.c)
         ).first()
         if row is None:
-            raise _Lost(f"run {run_id} is no longer {expected.value}")
+            raise Lost(f"run {run_id} is no longer {expected.value}")
         run = step_run_record(row)
         tl.run_event(run, status.value, message, data)
         return run
 
-    def _schedule(
-        self, conn: sa.Connection, saga_id: str, new: NewRun, now: datetime, tl: Timeline
-    ) -> Dispatch:
-        message_id = str(uuid.uuid4())
-        not_before = now + timedelta(seconds=new.delay) if new.delay > 0 else None
-        run_id = conn.execute(
-            sa.insert(RUNS)
-            .values(
-                saga_id=saga_id,
-                step=new.step,
-                step_index=new.step_index,
-                direction=new.direction.value,
-                attempt=new.attempt,
-                status=StepStatus.SCHEDULED.value,
-                task_name=new.task_name,
-                compensate_task=new.compensate_task,
-                idempotency_key=new.idempotency_key,
-                message_id=message_id,
-                deliveries=0,
-                not_before=not_before,
-                scheduled_at=now,
-            )
-            .returning(RUNS.c.id)
-        ).scalar_one()
-        conn.execute(
-            sa.insert(OUTBOX).values(
-                saga_id=saga_id,
-                step_run_id=run_id,
-                task_name=new.task_name,
-                args=[saga_id, run_id],
-                message_id=message_id,
-                available_at=not_before or now,
-                created_at=now,
-            )
-        )
-        detail = new.reason or f"attempt {new.attempt}"
-        if new.delay > 0:
-            detail += f", in {new.delay:.2f}s"
-        tl.add(f"{_prefix(new.direction)}.scheduled", step=new.step, run_id=run_id,
-               message=detail, data={"attempt": new.attempt, "delay": new.delay})
-        return Dispatch(new.task_name, (saga_id, run_id), message_id, new.delay)
+    # -- operators ----------------------------------------------------------------------
 
-    def _transition(
-        self,
-        conn: sa.Connection,
-        saga_id: str,
-        name: str,
-        current: SagaState,
-        trigger: str,
-        tl: Timeline,
-        *,
-        error: str | None = None,
-        finished: bool = False,
-    ) -> SagaState:
-        new = next_state(name, current, trigger, saga_id=saga_id)
-        values: dict[str, Any] = {"state": new.value, "updated_at": tl.now}
-        if error is not None:
-            values["error"] = error
-        if finished:
-            values["finished_at"] = tl.now
-        done = conn.execute(
-            sa.update(SAGAS)
-            .where(SAGAS.c.id == saga_id, SAGAS.c.state == current.value)
-            .values(**values)
-        )
-        if done.rowcount != 1:
-            raise _Lost(f"saga {saga_id} left {current.value} meanwhile")
-        tl.entered = new
-        tl.add(f"saga.{new.value}", message=error or f"{current.value} → {new.value}",
-               data={"from": current.value, "to": new.value, "trigger": trigger})
-        return new
+    def retry(self, saga_id: str, *, by: str, note: str | None = None) -> Outcome:
+        """needs_human → run the rest again: the remaining compensations, or the failed step."""
 
-    def _start_rollback(
-        self, conn: sa.Connection, saga: SagaRecord, tl: Timeline, reason: str
-    ) -> list[Dispatch]:
-        self._transition(conn, saga.id, saga.name, saga.state, "rollback", tl, error=reason)
-        skipped = conn.execute(
-            sa.update(RUNS)
-            .where(RUNS.c.saga_id == saga.id, RUNS.c.status == StepStatus.SCHEDULED.value)
-            .values(status=StepStatus.SKIPPED.value, finished_at=tl.now)
-            .returning(RUNS.c.id)
-        ).scalars().all()
-        if skipped:
-            conn.execute(sa.delete(OUTBOX).where(OUTBOX.c.step_run_id.in_(skipped)))
-        done = conn.execute(
-            sa.select(RUNS.c.step, RUNS.c.compensate_task)
-            .where(
-                RUNS.c.saga_id == saga.id,
-                RUNS.c.direction == Direction.FORWARD.value,
-                RUNS.c.status.in_([StepStatus.SUCCEEDED.value, StepStatus.UNKNOWN.value]),
+        def op(conn: sa.Connection, saga: SagaRecord, tl: Timeline) -> list[Dispatch]:
+            came_from = self._escalated_from(conn, saga_id)
+            trigger = "retry_rollback" if came_from == "compensating" else "retry_forward"
+            tl.add("operator.retry", message=f"{by}: {note or 'retry'}",
+                   data={"by": by, "note": note})
+            resolved = self._notify(conn, saga, Kind.PAGE, Action.RESOLVE, tl,
+                                    note=f"retried by {by}")
+            saga, _ = self._transition(conn, saga, trigger, tl)
+            if trigger == "retry_rollback":
+                return resolved + self._advance_rollback(conn, saga, tl)
+            last = conn.execute(
+                sa.select(RUNS)
+                .where(RUNS.c.saga_id == saga_id, RUNS.c.direction == Direction.FORWARD.value)
+                .order_by(RUNS.c.id.desc())
+                .limit(1)
+            ).one()
+            failed = step_run_record(last)
+            again = NewRun(
+                step=failed.step,
+                step_index=failed.step_index,
+                direction=Direction.FORWARD,
+                attempt=1,
+                task_name=failed.task_name,
+                idempotency_key=failed.idempotency_key,
+                compensate_task=failed.compensate_task,
+                tier=None,
+                reason=f"retried by {by}",
             )
-            .order_by(RUNS.c.step_index.desc(), RUNS.c.id.desc())
-        ).all()
-        plan = list(dict.fromkeys(step for step, task in done if task))
-        bare = list(dict.fromkeys(step for step, task in done if not task))
-        tl.add("rollback.plan", message="compensate " + (" → ".join(plan) or "nothing"),
-               data={"compensate": plan, "no_compensation": bare, "mode": "lifo_stack"})
-        return self._advance_rollback(conn, _with_state(saga, SagaState.COMPENSATING), tl)
+            return resolved + self._schedule(conn, saga, again, tl)[1]
 
-    def _advance_rollback(
-        self, conn: sa.Connection, saga: SagaRecord, tl: Timeline
-    ) -> list[Dispatch]:
-        """Schedule the next compensation (LIFO), or finish the rollback when none is left."""
-        busy = conn.execute(
-            sa.select(RUNS.c.id).where(
-                RUNS.c.saga_id == saga.id,
-                RUNS.c.status.in_([StepStatus.SCHEDULED.value, StepStatus.RUNNING.value]),
-            )
-        ).first()
-        if busy is not None:
-            return []  # the active run's own completion advances the rollback
-        comp = RUNS.alias("comp")
-        undone = sa.exists().where(
-            comp.c.saga_id == saga.id,
-            comp.c.direction == Direction.COMPENSATE.value,
-            comp.c.step == RUNS.c.step,
-            comp.c.status == StepStatus.SUCCEEDED.value,
-        )
-        nxt = conn.execute(
-            sa.select(RUNS.c.step, RUNS.c.step_index, RUNS.c.compensate_task)
-            .where(
-                RUNS.c.saga_id == saga.id,
-                RUNS.c.direction == Direction.FORWARD.value,
-                RUNS.c.status.in_([StepStatus.SUCCEEDED.value, StepStatus.UNKNOWN.value]),
-                RUNS.c.compensate_task.is_not(None),
-                ~undone,
-            )
-            .order_by(RUNS.c.step_index.desc())
+        return self._operator(saga_id, op)
+
+    def resolve(self, saga_id: str, *, by: str, note: str) -> Outcome:
+        """needs_human → resolved: a human has put things right. Resolves the page."""
+
+        def op(conn: sa.Connection, saga: SagaRecord, tl: Timeline) -> list[Dispatch]:
+            tl.add("operator.resolve", message=f"{by}: {note}", data={"by": by, "note": note})
+            resolved = self._notify(conn, saga, Kind.PAGE, Action.RESOLVE, tl,
+                                    note=f"resolved by {by}: {note}")
+            return resolved + self._transition(conn, saga, "resolve", tl, finished=True)[1]
+
+        return self._operator(saga_id, op)
+
+    def _operator(
+        self, saga_id: str, op: Any
+    ) -> Outcome:
+        if self.get_saga(saga_id) is None:
+            raise UnknownSagaError(f"no saga with id {saga_id!r}", saga_id=saga_id)
+        return self._on_saga(saga_id, op, worker="operator")
+
+    def _escalated_from(self, conn: sa.Connection, saga_id: str) -> str | None:
+        data = conn.execute(
+            sa.select(EVENTS.c.data)
+            .where(EVENTS.c.saga_id == saga_id, EVENTS.c.kind == "saga.needs_human")
+            .order_by(EVENTS.c.id.desc())
             .limit(1)
-        ).first()
-        if nxt is None:
-            self._transition(conn, saga.id, saga.name, saga.state, "finish_rollback", tl,
-                             finished=True)
-            return []
-        new = NewRun(
-            step=nxt.step,
-            step_index=nxt.step_index,
-            direction=Direction.COMPENSATE,
-            attempt=1,
-            task_name=nxt.compensate_task,
-            idempotency_key=idempotency_key(saga.id, nxt.step, Direction.COMPENSATE),
-            reason="undo (last done, first undone)",
-        )
-        return [self._schedule(conn, saga.id, new, tl.now, tl)]
+        ).scalar()
+        return (data or {}).get("from")
+
+    def uncompensated(self, saga_id: str) -> list[str]:
+        """Steps whose effect stands and whose compensation has not run, last done first."""
+        with self.engine.connect() as conn:
+            found = conn.execute(uncompensated_query(saga_id))
+            return list(dict.fromkeys(r.step for r in found))
 
     def get_saga_or_raise(self, saga_id: str) -> SagaRecord:
         saga = self.get_saga(saga_id)
         if saga is None:
             raise UnknownSagaError(f"no saga with id {saga_id!r}", saga_id=saga_id)
         return saga
-
-
-def _prefix(direction: Direction) -> str:
-    return "step" if direction is Direction.FORWARD else "compensation"
-
-
-def _with_state(saga: SagaRecord, state: SagaState) -> SagaRecord:
-    from dataclasses import replace
-
-    return replace(saga, state=state)

@@ -23,6 +23,8 @@ class SagaRecord:
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    incident: int = 0
+    wake_at: datetime | None = None
 
     @property
     def results(self) -> dict[str, Any]:
@@ -53,6 +55,9 @@ class StepRunRecord:
     scheduled_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    level: int = 0
+    tier: str | None = None
+    failure: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,10 @@ class NewRun:
     task_name: str
     idempotency_key: str
     compensate_task: str | None = None
-    delay: float = 0.0  # seconds before the message may run (a short backoff)
+    delay: float = 0.0  # seconds before the message may run
+    durable: bool = False  # too long for a countdown: the saga waits in Postgres instead
+    level: int = 0  # the ladder rung this attempt runs at
+    tier: str | None = None  # the model tier it runs on
     reason: str = ""  # why it is scheduled, for the timeline
 
 
@@ -98,6 +106,7 @@ class ClaimStatus(str, Enum):
     CLAIMED = "claimed"
     FINISHED = "finished"  # the run already ended: a duplicate or a redelivery
     BUSY = "busy"  # another worker holds a live lease
+    EARLY = "early"  # the saga waits in Postgres; the reconciler publishes at wake time
     EXPIRED = "expired"  # running, lease expired: the outcome is unknown
     MISSING = "missing"  # no such run (or saga)
 
@@ -108,6 +117,25 @@ class Claim:
     run: StepRunRecord | None = None
     saga: SagaRecord | None = None
     forward_result: Any = None  # for a compensation: the result of the step it undoes
+    errors: tuple[str, ...] = ()  # earlier attempts' errors in this round, oldest first
+
+
+@dataclass(frozen=True)
+class NotificationRecord:
+    id: int
+    saga_id: str
+    incident: int
+    channel: str
+    kind: str
+    action: str
+    dedup_key: str
+    status: str  # pending | sent | failed
+    attempts: int
+    last_error: str | None
+    note: str | None
+    created_at: datetime
+    updated_at: datetime
+    sent_at: datetime | None
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from sagaq.machine import Direction, SagaState, StepStatus
 from sagaq.store.models import EventModel
-from sagaq.store.records import EventRecord, SagaRecord, StepRunRecord
+from sagaq.store.records import EventRecord, NotificationRecord, SagaRecord, StepRunRecord
 
 
 class Timeline:
@@ -85,6 +85,8 @@ def saga_record(row: Any) -> SagaRecord:
         created_at=m["created_at"],
         updated_at=m["updated_at"],
         finished_at=m["finished_at"],
+        incident=m["incident"],
+        wake_at=m["wake_at"],
     )
 
 
@@ -93,6 +95,10 @@ def step_run_record(row: Any) -> StepRunRecord:
     m["direction"] = Direction(m["direction"])
     m["status"] = StepStatus(m["status"])
     return StepRunRecord(**m)
+
+
+def notification_record(row: Any) -> NotificationRecord:
+    return NotificationRecord(**dict(row._mapping))
 
 
 def event_record(row: Any) -> EventRecord:

@@ -16,6 +16,7 @@ import pytest
 
 from sagaq import Runtime, SagaState, Settings
 from sagaq.store.database import create_engine, current_revision
+from tests.unit.test_migrations import LATEST
 
 ROOT = Path(__file__).resolve().parents[2]
 SAGAQ = [sys.executable, "-m", "sagaq"]
@@ -178,10 +179,10 @@ def test_db_upgrade_and_current(pg_admin_url) -> None:
         up = cli("--database-url", url, "db", "upgrade")
         assert up.returncode == 0, up.stderr
         engine = create_engine(url)
-        assert current_revision(engine) == "0001"
+        assert current_revision(engine) == LATEST
         engine.dispose()
         now = cli("--database-url", url, "db", "current")
-        assert now.stdout.strip() == "0001"
+        assert now.stdout.strip() == LATEST
     finally:
         with psycopg.connect(pg_admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -211,7 +211,9 @@ def test_transient_failure_is_retried_with_the_same_key_and_lands_once(
     assert s2[0].error_type == "TransientError"
     assert s2[0].idempotency_key == s2[1].idempotency_key == idempotency_key(saga_id, "s2")
     (failed,) = [e for e in runtime.store.events(saga_id) if e.kind == "step.failed"]
-    assert failed.data["then"] == "retry" and failed.data["level"] == 0
+    assert failed.data["then"] == "retry"
+    rungs = [e.data["level"] for e in runtime.store.events(saga_id) if e.kind == "ladder.rung"]
+    assert rungs == [0]
     assert ledger_steps(saga_id, "undo") == []
 
 
@@ -229,7 +231,15 @@ def test_retries_exhausted_before_the_pivot_rolls_back(runtime, worker, settings
     assert ledger_steps(saga_id, "undo") == ["s1"]
     assert runs_of(runtime, saga_id, "s3") == []
     last = [e for e in runtime.store.events(saga_id) if e.kind == "step.failed"][-1]
-    assert last.data["then"] == "rollback" and last.data["level"] == 3
+    assert last.data["then"] == "rollback"
+    rungs = [
+        (e.data["level"], e.data["applicable"])
+        for e in runtime.store.events(saga_id)
+        if e.kind == "ladder.rung"
+    ]
+    # rung 0 until its budget is spent, then 1 and 2 passed as not applicable, then 3
+    retries = [(0, True)] * settings.retries
+    assert rungs == [*retries, (1, False), (2, False), (3, True)]
 
 
 def test_compensation_that_keeps_failing_pages_a_human(runtime, worker, settings, wait_settled):

@@ -31,6 +31,9 @@ TABLES = {"sagaq_sagas", "sagaq_step_runs", "sagaq_events", "sagaq_outbox"}
 ONE_ACTIVE = "uq_sagaq_step_runs_one_active"
 
 
+LATEST = "0002"  # the newest migration: bump it with every new one
+
+
 def head(url: str) -> str:
     rev = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
     assert rev is not None
@@ -152,7 +155,7 @@ def sqlite_catalog(engine: sa.Engine) -> dict[str, tuple[str, str]]:
 
 
 def test_sqlite_upgrade_reaches_head(sqlite_url: str, sqlite_engine: sa.Engine) -> None:
-    assert revision_in_db(sqlite_engine) == head(sqlite_url) == "0001"
+    assert revision_in_db(sqlite_engine) == head(sqlite_url) == LATEST
     assert sagaq_tables(sqlite_engine) == TABLES | {VERSION_TABLE}
 
 
@@ -245,7 +248,7 @@ def test_sqlite_downgrade_to_base_drops_every_table(
     assert leftovers == []
 
     upgrade(sqlite_url)  # and back up: the round trip is clean
-    assert revision_in_db(sqlite_engine) == "0001"
+    assert revision_in_db(sqlite_engine) == LATEST
     assert diffs(sqlite_engine) == []
 
 
@@ -292,7 +295,7 @@ def pg_engine(pg_url: str) -> Iterator[sa.Engine]:
 
 
 def test_postgres_upgrade_reaches_head(pg_url: str, pg_engine: sa.Engine) -> None:
-    assert revision_in_db(pg_engine) == head(pg_url) == "0001"
+    assert revision_in_db(pg_engine) == head(pg_url) == LATEST
     assert sagaq_tables(pg_engine) == TABLES | {VERSION_TABLE}
 
 
@@ -348,5 +351,5 @@ def test_postgres_downgrade_and_upgrade_round_trip(pg_url: str, pg_engine: sa.En
     assert leftovers == []  # no stray sequences or indexes
 
     upgrade(pg_url)
-    assert revision_in_db(pg_engine) == "0001"
+    assert revision_in_db(pg_engine) == LATEST
     assert diffs(pg_engine) == []

@@ -1,0 +1,111 @@
+"""Deliver one notification: build its notice from the store, send it, record the outcome.
+
+Runs as its own Celery task (``sagaq.notify``), so a slow or broken pager never holds up a
+step. 429, 5xx and network errors are tried again with backoff (through the outbox); other
+4xx are recorded as a failed delivery and not retried.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from sagaq.ladder import backoff
+from sagaq.machine import Direction, StepStatus
+from sagaq.notify.base import Action, DeliveryError, Kind, Notice, Notifier
+from sagaq.store import Dispatch, NotificationRecord, Store
+
+log = logging.getLogger("sagaq.notify")
+
+MAX_ATTEMPTS = 8
+TIMELINE_EVENTS = 12
+
+
+def build_notice(store: Store, n: NotificationRecord) -> Notice:
+    """What the page says: the saga, what failed, what is still not undone, what to run."""
+    saga = store.get_saga_or_raise(n.saga_id)
+    runs = store.step_runs(saga.id)
+    failed = [r for r in runs if r.status in (StepStatus.FAILED, StepStatus.UNKNOWN)]
+    failed_comp = next((r for r in reversed(failed) if r.direction is Direction.COMPENSATE), None)
+    failed_step = next((r for r in reversed(failed) if r.direction is Direction.FORWARD), None)
+    events = store.events(saga.id)[-TIMELINE_EVENTS:]
+    details: dict[str, object] = {
+        "saga_id": saga.id,
+        "saga": saga.name,
+        "state": saga.state.value,
+        "incident": n.incident,
+        "error": saga.error,
+        "uncompensated": store.uncompensated(saga.id),
+        "timeline": [
+            {"at": e.at.isoformat(), "event": e.kind, "step": e.step, "detail": e.message}
+            for e in events
+        ],
+    }
+    if failed_comp is not None:
+        details["failed_compensation"] = {"step": failed_comp.step, "error": failed_comp.error,
+                                          "attempt": failed_comp.attempt}
+    if failed_step is not None:
+        details["failed_step"] = {"step": failed_step.step, "error": failed_step.error,
+                                  "attempt": failed_step.attempt}
+    kind = Kind(n.kind)
+    action = Action(n.action)
+    if action is Action.RESOLVE:
+        summary = f"resolved: saga {saga.name} {saga.id[:8]}" + (f" ({n.note})" if n.note else "")
+        severity = "info"
+    elif kind is Kind.PAGE:
+        what = (f"compensation of {failed_comp.step} failed" if failed_comp
+                else f"{failed_step.step} failed after the pivot" if failed_step
+                else "it cannot go on")
+        summary = f"saga {saga.name} {saga.id[:8]} needs a human: {what}"
+        severity = "critical"
+    else:
+        summary = f"saga {saga.name} {saga.id[:8]} is rolling back: {saga.error or ''}".strip()
+        severity = "warning"
+    return Notice(
+        saga_id=saga.id,
+        saga_name=saga.name,
+        kind=kind,
+        action=action,
+        dedup_key=n.dedup_key,
+        summary=summary[:1000],
+        severity=severity,
+        created_at=n.created_at,
+        state=saga.state.value,
+        details=details,
+        commands=(
+            f"sagaq show {saga.id}",
+            f"sagaq retry {saga.id}",
+            f'sagaq resolve {saga.id} --note "what you did"',
+        ),
+        note=n.note,
+    )
+
+
+def deliver(
+    store: Store, notifiers: Mapping[str, Notifier], notification_id: int
+) -> tuple[str, list[Dispatch]]:
+    """Send one notification; returns a word for the log and any retry message to publish."""
+    n = store.begin_delivery(notification_id)
+    if n is None:
+        return "dropped (already delivered or in flight)", []
+    notifier = notifiers.get(n.channel)
+    if notifier is None:
+        return "failed", store.end_delivery(
+            n, sent=False, error=f"no notifier named {n.channel!r} is configured here"
+        )
+    try:
+        notifier.send(build_notice(store, n))
+    except DeliveryError as exc:
+        if exc.retryable and n.attempts < MAX_ATTEMPTS:
+            delay = max(exc.retry_after or 0.0, backoff(n.attempts, 1.0, 30.0))
+            return "retry", store.end_delivery(n, sent=False, error=exc.message, retry_in=delay)
+        log.error("delivery of %s %s via %s failed for good: %s", n.kind, n.dedup_key,
+                  n.channel, exc.message)
+        return "failed", store.end_delivery(n, sent=False, error=exc.message)
+    except Exception as exc:  # a bug in a notifier must not lose the page: retry it
+        log.exception("notifier %s raised", n.channel)
+        delay = backoff(n.attempts, 1.0, 30.0)
+        if n.attempts < MAX_ATTEMPTS:
+            return "retry", store.end_delivery(n, sent=False, error=repr(exc), retry_in=delay)
+        return "failed", store.end_delivery(n, sent=False, error=repr(exc))
+    return "sent", store.end_delivery(n, sent=True)

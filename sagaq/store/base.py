@@ -1,0 +1,376 @@
+"""The store's building blocks: transactions, lifecycle moves, scheduling, rollback, notices.
+
+Every state change is a guarded UPDATE (``WHERE state = :expected`` / ``status = :expected``)
+that reports whether it won; a loser raises :class:`Lost`, which rolls its whole transaction
+back. Whatever should run next (a step run, a notification) is written with its outbox row
+in the same transaction, and handed back as a :class:`Dispatch` to publish after the commit.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from sagaq.keys import idempotency_key
+from sagaq.machine import Direction, SagaState, StepStatus, next_state
+from sagaq.notify.base import Action, Kind
+from sagaq.store.models import NOTIFICATIONS, OUTBOX, RUNS, SAGAS
+from sagaq.store.records import Dispatch, NewRun, Outcome, SagaRecord
+from sagaq.store.timeline import Timeline, saga_record
+
+T = TypeVar("T")
+NOTIFY_TASK = "sagaq.notify"
+
+Channels = Mapping[Kind, tuple[str, ...]]
+"""Which notification channels receive which kind of notice."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Lost(Exception):
+    """A guard did not match: roll the transaction back and report ``won=False``."""
+
+    def __init__(self, note: str) -> None:
+        super().__init__(note)
+        self.note = note
+
+
+class StoreBase:
+    def __init__(
+        self,
+        engine: sa.Engine,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        channels: Channels | None = None,
+    ) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.channels: Channels = channels or {Kind.PAGE: ("log",), Kind.NOTIFY: ("log",)}
+
+    def dispose(self, *, close: bool = True) -> None:
+        """Forget pooled connections; ``close=False`` after a fork (the parent owns them)."""
+        self.engine.dispose(close=close)
+
+    # -- transactions -------------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self, session: Session | None = None) -> Iterator[sa.Connection]:
+        if session is not None:
+            yield session.connection()  # the caller commits, or not
+            return
+        with self.engine.begin() as conn:
+            yield conn
+
+    def _retrying(self, op: Callable[[], T], attempts: int = 4) -> T:
+        """Run ``op`` again after a deadlock, a serialization failure or a dropped connection.
+
+        Every operation is one transaction of guarded writes, so running it again is safe: if
+        the first try did commit, the guards make the second a no-op that reports it lost.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                return op()
+            except sa.exc.DBAPIError as exc:
+                code = getattr(exc.orig, "sqlstate", None)
+                again = (
+                    exc.connection_invalidated
+                    or code in ("40P01", "40001")
+                    or "database is locked" in str(exc.orig)
+                )
+                if attempt == attempts or not again:
+                    raise
+                time.sleep(0.01 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _insert(self, conn: sa.Connection) -> Any:
+        return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+
+    def _on_saga(
+        self,
+        saga_id: str,
+        op: Callable[[sa.Connection, SagaRecord, Timeline], list[Dispatch]],
+        worker: str | None = None,
+        task_id: str | None = None,
+    ) -> Outcome:
+        """Run ``op`` in one transaction, holding the saga row's lock (always taken first)."""
+
+        def attempt() -> Outcome:
+            now = self.clock()
+            try:
+                with self._tx() as conn:
+                    row = conn.execute(
+                        sa.update(SAGAS)
+                        .where(SAGAS.c.id == saga_id)
+                        .values(updated_at=now)
+                        .returning(*SAGAS.c)
+                    ).first()
+                    if row is None:
+                        raise Lost(f"saga {saga_id} does not exist")
+                    tl = Timeline(saga_id, now, worker=worker, task_id=task_id)
+                    saga = saga_record(row)
+                    dispatches = op(conn, saga, tl)
+                    tl.flush(conn)
+            except Lost as lost:
+                return Outcome(False, note=lost.note)
+            return Outcome(True, tl.entered or saga.state, dispatches, entered=tl.entered)
+
+        return self._retrying(attempt)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def _transition(
+        self,
+        conn: sa.Connection,
+        saga: SagaRecord,
+        trigger: str,
+        tl: Timeline,
+        *,
+        error: str | None = None,
+        finished: bool = False,
+        wake_at: datetime | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> tuple[SagaRecord, list[Dispatch]]:
+        """Move the saga (guarded on its current state); entering needs_human pages."""
+        new = next_state(saga.name, saga.state, trigger, saga_id=saga.id)
+        values: dict[str, Any] = {"state": new.value, "updated_at": tl.now, "wake_at": wake_at}
+        if error is not None:
+            values["error"] = error
+        if finished:
+            values["finished_at"] = tl.now
+        incident = saga.incident
+        if new is SagaState.NEEDS_HUMAN:
+            incident += 1
+            values["incident"] = incident
+        done = conn.execute(
+            sa.update(SAGAS)
+            .where(SAGAS.c.id == saga.id, SAGAS.c.state == saga.state.value)
+            .values(**values)
+        )
+        if done.rowcount != 1:
+            raise Lost(f"saga {saga.id} left {saga.state.value} meanwhile")
+        tl.entered = new
+        tl.add(f"saga.{new.value}", message=error or f"{saga.state.value} → {new.value}",
+               data={"from": saga.state.value, "to": new.value, "trigger": trigger, **(data or {})})
+        moved = replace(saga, state=new, incident=incident, wake_at=wake_at,
+                        error=error if error is not None else saga.error)
+        dispatches: list[Dispatch] = []
+        if new is SagaState.NEEDS_HUMAN:
+            dispatches = self._notify(conn, moved, Kind.PAGE, Action.TRIGGER, tl)
+        return moved, dispatches
+
+    def _notify(
+        self,
+        conn: sa.Connection,
+        saga: SagaRecord,
+        kind: Kind,
+        action: Action,
+        tl: Timeline,
+        note: str | None = None,
+    ) -> list[Dispatch]:
+        """One notification per channel for this incident, each with its outbox row."""
+        dispatches = []
+        for channel in self.channels.get(kind, ()):
+            values = {
+                "saga_id": saga.id,
+                "incident": saga.incident,
+                "channel": channel,
+                "kind": kind.value,
+                "action": action.value,
+                "dedup_key": dedup_key(saga.id, saga.incident),
+                "status": "pending",
+                "attempts": 0,
+                "note": note,
+                "created_at": tl.now,
+                "updated_at": tl.now,
+            }
+            stmt = self._insert(conn)(NOTIFICATIONS).values(**values).on_conflict_do_nothing()
+            notification_id = conn.execute(stmt.returning(NOTIFICATIONS.c.id)).scalar()
+            if notification_id is None:
+                continue  # this incident already has it: one incident, one page
+            dispatches.append(self._outbox(conn, saga.id, NOTIFY_TASK, notification_id, tl.now,
+                                           notification=True))
+            tl.add(f"{kind.value}.queued", message=f"{action.value} via {channel}",
+                   data={"channel": channel, "incident": saga.incident, "action": action.value})
+        return dispatches
+
+    def _outbox(
+        self,
+        conn: sa.Connection,
+        saga_id: str,
+        task_name: str,
+        ref: int,
+        available_at: datetime,
+        *,
+        notification: bool = False,
+        countdown: float = 0.0,
+    ) -> Dispatch:
+        message_id = str(uuid.uuid4())
+        conn.execute(
+            sa.insert(OUTBOX).values(
+                saga_id=saga_id,
+                step_run_id=None if notification else ref,
+                notification_id=ref if notification else None,
+                task_name=task_name,
+                args=[saga_id, ref],
+                message_id=message_id,
+                available_at=available_at,
+                created_at=self.clock(),
+            )
+        )
+        return Dispatch(task_name, (saga_id, ref), message_id, countdown)
+
+    # -- scheduling ---------------------------------------------------------------------
+
+    def _schedule(
+        self, conn: sa.Connection, saga: SagaRecord, new: NewRun, tl: Timeline
+    ) -> tuple[SagaRecord, list[Dispatch]]:
+        """Insert a scheduled run and its message. A durable delay parks the saga instead.
+
+        A delay longer than a Celery countdown should carry is never put in Redis: the saga
+        moves to ``waiting`` with ``wake_at``, and the reconciler publishes when it is due.
+        """
+        not_before = tl.now + timedelta(seconds=new.delay) if new.delay > 0 else None
+        message_id = str(uuid.uuid4())
+        run_id = conn.execute(
+            sa.insert(RUNS)
+            .values(
+                saga_id=saga.id,
+                step=new.step,
+                step_index=new.step_index,
+                direction=new.direction.value,
+                attempt=new.attempt,
+                status=StepStatus.SCHEDULED.value,
+                task_name=new.task_name,
+                compensate_task=new.compensate_task,
+                idempotency_key=new.idempotency_key,
+                message_id=message_id,
+                deliveries=0,
+                not_before=not_before,
+                level=new.level,
+                tier=new.tier,
+                scheduled_at=tl.now,
+            )
+            .returning(RUNS.c.id)
+        ).scalar_one()
+        conn.execute(
+            sa.insert(OUTBOX).values(
+                saga_id=saga.id,
+                step_run_id=run_id,
+                task_name=new.task_name,
+                args=[saga.id, run_id],
+                message_id=message_id,
+                available_at=not_before or tl.now,
+                created_at=tl.now,
+            )
+        )
+        detail = new.reason or f"attempt {new.attempt}"
+        if new.delay > 0:
+            detail += f", in {new.delay:.2f}s"
+        prefix = "step" if new.direction is Direction.FORWARD else "compensation"
+        tl.add(f"{prefix}.scheduled", step=new.step, run_id=run_id, message=detail,
+               data={"attempt": new.attempt, "delay": new.delay, "level": new.level,
+                     "tier": new.tier})
+        dispatch = Dispatch(new.task_name, (saga.id, run_id), message_id, new.delay)
+        if new.durable and saga.state is SagaState.RUNNING:
+            saga, _ = self._transition(conn, saga, "wait", tl, wake_at=not_before)
+            return saga, []  # published by the reconciler at wake_at, not now
+        return saga, [dispatch]
+
+    # -- rollback -----------------------------------------------------------------------
+
+    def _start_rollback(
+        self, conn: sa.Connection, saga: SagaRecord, tl: Timeline, reason: str,
+        trigger: str = "rollback",
+    ) -> list[Dispatch]:
+        saga, _ = self._transition(conn, saga, trigger, tl, error=reason)
+        skipped = conn.execute(
+            sa.update(RUNS)
+            .where(RUNS.c.saga_id == saga.id, RUNS.c.status == StepStatus.SCHEDULED.value)
+            .values(status=StepStatus.SKIPPED.value, finished_at=tl.now)
+            .returning(RUNS.c.id)
+        ).scalars().all()
+        if skipped:
+            conn.execute(sa.delete(OUTBOX).where(OUTBOX.c.step_run_id.in_(skipped)))
+        done = conn.execute(
+            sa.select(RUNS.c.step, RUNS.c.compensate_task)
+            .where(
+                RUNS.c.saga_id == saga.id,
+                RUNS.c.direction == Direction.FORWARD.value,
+                RUNS.c.status.in_([StepStatus.SUCCEEDED.value, StepStatus.UNKNOWN.value]),
+            )
+            .order_by(RUNS.c.step_index.desc(), RUNS.c.id.desc())
+        ).all()
+        plan = list(dict.fromkeys(step for step, task in done if task))
+        bare = list(dict.fromkeys(step for step, task in done if not task))
+        tl.add("rollback.plan", message="compensate " + (" → ".join(plan) or "nothing"),
+               data={"compensate": plan, "no_compensation": bare, "mode": "lifo_stack"})
+        notices = self._notify(conn, saga, Kind.NOTIFY, Action.TRIGGER, tl)
+        return notices + self._advance_rollback(conn, saga, tl)
+
+    def _advance_rollback(
+        self, conn: sa.Connection, saga: SagaRecord, tl: Timeline
+    ) -> list[Dispatch]:
+        """Schedule the next compensation (LIFO), or finish the rollback when none is left."""
+        busy = conn.execute(
+            sa.select(RUNS.c.id).where(
+                RUNS.c.saga_id == saga.id,
+                RUNS.c.status.in_([StepStatus.SCHEDULED.value, StepStatus.RUNNING.value]),
+            )
+        ).first()
+        if busy is not None:
+            return []  # the active run's own completion advances the rollback
+        nxt = self._next_compensation(conn, saga.id)
+        if nxt is None:
+            _, pages = self._transition(conn, saga, "finish_rollback", tl, finished=True)
+            return pages
+        new = NewRun(
+            step=nxt.step,
+            step_index=nxt.step_index,
+            direction=Direction.COMPENSATE,
+            attempt=1,
+            task_name=nxt.compensate_task,
+            idempotency_key=idempotency_key(saga.id, nxt.step, Direction.COMPENSATE),
+            reason="undo (last done, first undone)",
+        )
+        return self._schedule(conn, saga, new, tl)[1]
+
+    def _next_compensation(self, conn: sa.Connection, saga_id: str) -> Any:
+        return conn.execute(uncompensated_query(saga_id).limit(1)).first()
+
+
+def uncompensated_query(saga_id: str) -> sa.Select[Any]:
+    """Forward runs that succeeded (or may have) and whose compensation has not: LIFO."""
+    comp = RUNS.alias("comp")
+    undone = sa.exists().where(
+        comp.c.saga_id == saga_id,
+        comp.c.direction == Direction.COMPENSATE.value,
+        comp.c.step == RUNS.c.step,
+        comp.c.status == StepStatus.SUCCEEDED.value,
+    )
+    return (
+        sa.select(RUNS.c.step, RUNS.c.step_index, RUNS.c.compensate_task)
+        .where(
+            RUNS.c.saga_id == saga_id,
+            RUNS.c.direction == Direction.FORWARD.value,
+            RUNS.c.status.in_([StepStatus.SUCCEEDED.value, StepStatus.UNKNOWN.value]),
+            RUNS.c.compensate_task.is_not(None),
+            ~undone,
+        )
+        .order_by(RUNS.c.step_index.desc(), RUNS.c.id.desc())
+    )
+
+
+def dedup_key(saga_id: str, incident: int) -> str:
+    """Stable per incident: every redelivery and every channel says the same key."""
+    return f"sagaq/{saga_id}/incident-{incident}"

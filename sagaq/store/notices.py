@@ -1,0 +1,102 @@
+"""Delivering notifications: claim one, record how it went. Retries go back to the outbox."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import sqlalchemy as sa
+
+from sagaq.store.base import StoreBase
+from sagaq.store.models import NOTIFICATIONS, OUTBOX
+from sagaq.store.records import Dispatch, NotificationRecord
+from sagaq.store.timeline import Timeline, notification_record
+
+SENDING_LEASE = timedelta(seconds=60)  # a sender that died mid-send is retried after this
+
+
+class Notices(StoreBase):
+    def notification(self, notification_id: int) -> NotificationRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(NOTIFICATIONS).where(NOTIFICATIONS.c.id == notification_id)
+            ).first()
+        return notification_record(row) if row is not None else None
+
+    def notifications(self, saga_id: str) -> list[NotificationRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(NOTIFICATIONS)
+                .where(NOTIFICATIONS.c.saga_id == saga_id)
+                .order_by(NOTIFICATIONS.c.id)
+            )
+            return [notification_record(r) for r in rows]
+
+    def begin_delivery(self, notification_id: int) -> NotificationRecord | None:
+        """pending → sending (or a stale sending one): None if another delivery has it."""
+        now = self.clock()
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                sa.update(NOTIFICATIONS)
+                .where(
+                    NOTIFICATIONS.c.id == notification_id,
+                    sa.or_(
+                        NOTIFICATIONS.c.status == "pending",
+                        sa.and_(
+                            NOTIFICATIONS.c.status == "sending",
+                            NOTIFICATIONS.c.updated_at < now - SENDING_LEASE,
+                        ),
+                    ),
+                )
+                .values(status="sending", attempts=NOTIFICATIONS.c.attempts + 1, updated_at=now)
+                .returning(*NOTIFICATIONS.c)
+            ).first()
+        return notification_record(row) if row is not None else None
+
+    def end_delivery(
+        self,
+        notification: NotificationRecord,
+        *,
+        sent: bool,
+        error: str | None = None,
+        retry_in: float | None = None,
+    ) -> list[Dispatch]:
+        """sending → sent | failed, or back to pending with a new message in ``retry_in`` s."""
+        now = self.clock()
+        n = notification
+        with self.engine.begin() as conn:
+            tl = Timeline(n.saga_id, now)
+            if retry_in is not None:
+                status, what = "pending", "retry"
+            else:
+                status, what = ("sent", "sent") if sent else ("failed", "failed")
+            done = conn.execute(
+                sa.update(NOTIFICATIONS)
+                .where(NOTIFICATIONS.c.id == n.id, NOTIFICATIONS.c.status == "sending")
+                .values(status=status, last_error=error, updated_at=now,
+                        sent_at=now if sent else None)
+            )
+            if done.rowcount != 1:
+                return []
+            detail = f"{n.action} via {n.channel}, attempt {n.attempts}"
+            if error:
+                detail += f": {error}"
+            if retry_in is not None:
+                detail += f"; again in {retry_in:.1f}s"
+            tl.add(f"{n.kind}.{what}", message=detail,
+                   data={"channel": n.channel, "incident": n.incident, "action": n.action,
+                         "attempt": n.attempts})
+            tl.flush(conn)
+            row = conn.execute(
+                sa.select(OUTBOX).where(OUTBOX.c.notification_id == n.id)
+            ).first()
+            if retry_in is None:
+                conn.execute(sa.delete(OUTBOX).where(OUTBOX.c.notification_id == n.id))
+                return []
+            if row is None:
+                return []
+            conn.execute(
+                sa.update(OUTBOX)
+                .where(OUTBOX.c.id == row.id)
+                .values(available_at=now + timedelta(seconds=retry_in))
+            )
+            return [Dispatch(row.task_name, (row.args[0], row.args[1]), row.message_id, retry_in)]
