@@ -17,6 +17,7 @@ import redis
 from sqlalchemy.engine import make_url
 
 from sagaq import Runtime, SagaState, Settings
+from sagaq.notify import LogNotifier
 from sagaq.store.database import upgrade
 from sagaq.worker import embedded_worker
 from tests import services
@@ -77,13 +78,21 @@ def settings(
         database_url=make_database("main"),
         broker_url=redis_base_url,
         redis_prefix=redis_prefix,
-        imports=("tasks.provisioning", "tasks.orders", "tests.sagas"),
+        imports=(
+            "tasks.provisioning",
+            "tasks.orders",
+            "tasks.triage",
+            "tasks.subscription",
+            "tests.sagas",
+        ),
         queue=f"sagaq-test-{RUN}",
         retries=2,
         retryable_retries=3,
         compensation_retries=2,
         retry_base=0.02,
         retry_cap=0.1,
+        countdown_max=1.0,  # so that a 2 s backoff is a durable wait in a test
+        reconcile_interval=0.5,
         step_timeout=20.0,
         lease_margin=2.0,
         visibility_timeout=120.0,
@@ -92,7 +101,7 @@ def settings(
 
 @pytest.fixture(scope="session")
 def runtime(settings: Settings) -> Iterator[Runtime]:
-    rt = Runtime(settings)
+    rt = Runtime(settings, notifiers=[LogNotifier()])
     yield rt
     rt.close()
 

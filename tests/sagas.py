@@ -7,7 +7,8 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from sagaq import Saga, StepContext
+from sagaq import EnvironmentalError, Saga, StepContext
+from sagaq.ladder import Bounds
 from tasks.services import StandIn, simulate
 
 ledger = StandIn("ledger")
@@ -84,3 +85,41 @@ def email(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
 @pivoted.compensation
 def unreserve(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
     return _undo(ctx, inp)
+
+
+# -- ladder: a refresh hook, a validate hook, a durable (long) backoff --------------------
+
+envy = Saga("envy")
+
+
+@envy.refresh
+def reread_schema(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
+    return {"schema": 2}  # the world as it is now
+
+
+@envy.step(no_rollback="test step")
+def write_row(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
+    if ctx.checkpoint.get("schema") != 2:
+        raise EnvironmentalError("column 'name' no longer exists (schema migrated)")
+    return ledger.call(ctx, "write", {"schema": ctx.checkpoint["schema"]})
+
+
+checked = Saga("checked")
+
+
+def _reject_first(ctx: StepContext, result: Any) -> bool:
+    return ctx.attempt > 1
+
+
+@checked.step(no_rollback="test step", rungs=(0, 1), validate=_reject_first)
+def answer(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
+    return {"attempt": ctx.attempt, "errors": list(ctx.errors), "level": ctx.level}
+
+
+sleepy = Saga("sleepy")
+
+
+@sleepy.step(no_rollback="test step", ladder=Bounds(base=2.0, cap=2.0))
+def nap(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
+    simulate(ctx, inp)
+    return ledger.call(ctx, "nap")

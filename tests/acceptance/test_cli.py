@@ -60,20 +60,33 @@ def test_demo_json_reports_each_saga_with_its_story() -> None:
     assert [(s["name"], s["state"]) for s in sagas] == [
         ("provision_agent", "completed"),
         ("order_flow", "completed"),
+        ("ticket_triage", "completed"),
         ("provision_agent", "compensated"),
+        ("subscription", "needs_human"),
         ("provision_agent", "needs_human"),
     ]
-    assert {"id", "name", "state", "succeeded", "compensated"} <= set(sagas[0])
+    assert {"id", "name", "state", "succeeded", "compensated", "rungs", "pages"} <= set(sagas[0])
+    ok, flaky, model, undone, pivot, stuck = sagas
     steps = ["create_identity", "assign_roles", "allocate_runtime", "inject_credentials"]
-    assert sagas[0]["succeeded"] == steps and sagas[0]["compensated"] == []
-    assert sagas[1]["succeeded"] == ["create_crm_record", "create_invoice", "notify_customer"]
-    # Failed at the last step: the three before it undone, last done first undone.
-    assert sagas[2]["succeeded"] == steps[:3]
-    assert sagas[2]["compensated"] == ["allocate_runtime", "assign_roles", "create_identity"]
-    # The undo of assign_roles keeps failing: it stops there and waits for a human.
-    assert sagas[3]["compensated"] == ["allocate_runtime"]
-    assert "assign_roles" in sagas[3]["error"]
-    assert len({s["id"] for s in sagas}) == 4
+    assert ok["succeeded"] == steps and ok["compensated"] == [] and ok["rungs"] == []
+    # the invoice API timed out twice: rung 0, twice, then it answered
+    assert flaky["succeeded"] == ["create_crm_record", "create_invoice", "notify_customer"]
+    assert flaky["rungs"] == [0, 0] and flaky["pages"] == 0
+    # prose from the small model: re-prompted (rung 1), then the large tier (rung 2)
+    assert model["rungs"] == [1, 2] and model["pages"] == 0
+    # failed for good at the last step: 1 and 2 do not apply, 3 undoes the rest, LIFO
+    assert undone["succeeded"] == steps[:3]
+    assert undone["compensated"] == ["allocate_runtime", "assign_roles", "create_identity"]
+    assert undone["rungs"] == [1, 2, 3] and undone["pages"] == 0
+    # after the pivot: rung 0 spent, 1-3 do not apply, 4 pages; nothing is undone
+    assert pivot["compensated"] == [] and pivot["pages"] == 1
+    assert pivot["rungs"] == [0, 0, 0, 1, 2, 3, 4]
+    assert pivot["succeeded"] == ["reserve_seat", "charge_card"]
+    # the undo of assign_roles keeps failing: it stops there and pages, once
+    assert stuck["compensated"] == ["allocate_runtime"]
+    assert stuck["rungs"] == [1, 2, 3, 4] and stuck["pages"] == 1
+    assert "assign_roles" in stuck["error"]
+    assert len({s["id"] for s in sagas}) == 6
 
 
 def test_demo_prints_each_timeline() -> None:
@@ -86,10 +99,13 @@ def test_demo_prints_each_timeline() -> None:
         "compensation.succeeded",
         "saga.needs_human",
         "step.failed",
-        "retry 1 of",
+        "ladder.rung",
+        "re-prompt",
+        "switch tier",
+        "page.sent",
     ):
-        assert marker in out
-    assert "needs a human" in done.stderr  # the log line of the failed rollback
+        assert marker in out, marker
+    assert "PAGE trigger" in done.stderr  # the log notifier's page, one per incident
     assert "UNEXPECTED" not in out
 
 
