@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -35,6 +35,10 @@ class StepContext:
     level: int = 0  # the ladder rung this attempt runs at
     tier: str | None = None  # the model tier to use (rung 2 switches it)
     errors: tuple[str, ...] = ()  # earlier attempts' errors, oldest first: for a re-prompt
+    on_heartbeat: Callable[[], bool] | None = field(default=None, repr=False, compare=False)
+    on_resource: Callable[[str, str], bool] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def key(self) -> str:
@@ -43,3 +47,32 @@ class StepContext:
     @property
     def compensating(self) -> bool:
         return self.direction is Direction.COMPENSATE
+
+    def heartbeat(self) -> bool:
+        """Extend this step's lease; a long step calls it well within its timeout.
+
+        False means the lease was lost (it expired and another worker took over): stop.
+        """
+        return self.on_heartbeat() if self.on_heartbeat is not None else True
+
+    def resource(self, kind: str, external_id: str) -> None:
+        """Register an external resource this step created, right away (its own commit).
+
+        If the saga ends without a compensation undoing this step, the reconciler releases
+        the resource with the saga's ``@saga.releaser(kind)``, or pages when that fails.
+        """
+        if self.on_resource is not None:
+            self.on_resource(kind, str(external_id))
+
+
+@dataclass(frozen=True)
+class ReleaseContext:
+    """Handed to a ``@saga.releaser(kind)``: which resource to release, and the key to use."""
+
+    saga_id: str
+    saga: str
+    step: str
+    kind: str
+    external_id: str
+    idempotency_key: str  # sha256(saga_id:resource:kind:id:release), stable across retries
+    attempt: int

@@ -34,11 +34,12 @@ from sagaq.ladder import Bounds
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from sagaq.context import StepContext
+    from sagaq.context import ReleaseContext, StepContext
 
 Action = Callable[["StepContext", Any], Any]
 Verify = Callable[["StepContext", Any], bool]
 Validate = Callable[["StepContext", Any], Any]  # (ctx, result) -> False or raise to reject
+Releaser = Callable[["ReleaseContext"], Any]  # releases one orphaned resource, idempotently
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -129,6 +130,7 @@ class Saga:
         self.ladder = ladder or Bounds()
         self.classify = (classify,) if callable(classify) else tuple(classify)
         self.refresh_hook: Action | None = None
+        self.releasers: dict[str, Releaser] = {}
         self._pending: list[_Pending] = []
         self._helpers: dict[str, Callable[..., Any]] = {}
         self._steps: tuple[Step, ...] | None = None
@@ -240,6 +242,20 @@ class Saga:
             raise DefinitionError(self.name, None, "the refresh hook must be callable")
         self.refresh_hook = fn
         return fn
+
+    def releaser(self, kind: str) -> Callable[[Releaser], Releaser]:
+        """Register how to release a resource of ``kind`` that a step registered with
+        ``ctx.resource(kind, id)`` and that no compensation undid (an orphan)."""
+        if not isinstance(kind, str) or not kind:
+            raise DefinitionError(self.name, None, "a releaser needs a resource kind")
+
+        def register(fn: Releaser) -> Releaser:
+            if not callable(fn):
+                raise DefinitionError(self.name, None, f"the releaser of {kind!r} is not callable")
+            self.releasers[kind] = fn
+            return fn
+
+        return register
 
     def _helper(self, fn: Callable[..., Any]) -> None:
         name = getattr(fn, "__name__", "")

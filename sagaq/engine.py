@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from sagaq import ladder
 from sagaq.context import StepContext
 from sagaq.definition import Registry, Saga, Step, StepKind, sagas
-from sagaq.errors import InputError, LogicalError
+from sagaq.errors import InputError, LogicalError, TerminalError
 from sagaq.failures import FailureClass, classify
 from sagaq.keys import idempotency_key
 from sagaq.ladder import Then
@@ -212,7 +212,9 @@ class Engine:
             result = to_json(value, f"result of {saga.name}.{step.name}")
             data = to_json(ctx.checkpoint, f"checkpoint after {saga.name}.{step.name}")
         except InputError as exc:  # it returned, so its effect may have landed
-            return self._failed(saga, run, step, exc, worker, task_id, landed=True)
+            bad = TerminalError(exc.message)
+            return self._failed(saga, run, step, bad, worker, task_id,
+                                status=StepStatus.UNKNOWN)
         checkpoint = None
         next_run = None
         if forward:
@@ -238,8 +240,8 @@ class Engine:
         *,
         ctx: StepContext | None = None,
         force: Then | None = None,
-        landed: bool = False,
         expected: StepStatus = StepStatus.RUNNING,
+        status: StepStatus = StepStatus.FAILED,
     ) -> str:
         """Classify, let the ladder decide, record it all in one transaction, publish."""
         if step is None or force is Then.ESCALATE:
@@ -248,8 +250,7 @@ class Engine:
             decision = ladder.Decision(Then.ESCALATE, (rung,), 4)
         else:
             definition = self.registry.get(saga.name)
-            failure = (FailureClass.TERMINAL if landed
-                       else classify(exc, (*step.classify, *definition.classify)))
+            failure = classify(exc, (*step.classify, *definition.classify))
             history = (
                 *(ladder.Attempt(r.level, r.tier, FailureClass(r.failure or "transient"))
                   for r in self.store.round_of(run)),
@@ -289,7 +290,7 @@ class Engine:
             worker=worker,
             task_id=task_id,
             expected=expected,
-            status=StepStatus.UNKNOWN if landed else StepStatus.FAILED,
+            status=status,
         )
         self._after(saga, outcome)
         return f"failed ({decision.then.value})" if outcome.won else f"lost ({outcome.note})"
@@ -316,31 +317,51 @@ class Engine:
         return step.ladder.over(definition.ladder, self.settings.bounds(retryable=retryable))
 
     def _resolve_unknown(self, run: StepRunRecord, worker: str, task_id: str | None) -> str:
-        """A run whose lease expired: read back with ``verify``, else retry or page."""
+        """A run whose lease expired (its worker died mid-effect): find out, then go on.
+
+        ``verify`` decides when the step has one; without it an at-least-once step is retried
+        with the same key, and an ``at_most_once`` step is never re-run blind: it climbs the
+        ladder as a terminal failure. So does a step whose worker keeps dying (a poison
+        message): after ``max_deliveries`` it is parked instead of looping forever.
+        """
         if not self.store.expire(run.saga_id, run.id, worker=worker):
             return "dropped (resolved elsewhere)"
         saga = self.store.get_saga_or_raise(run.saga_id)
+        u = StepStatus.UNKNOWN  # the effect may have landed: the run stays unknown
         try:
-            step: Step | None = self.registry.get(saga.name).step_named(run.step)
-        except Exception:
-            step = None
-        unknown = StepStatus.UNKNOWN
-        if step is None or run.direction is Direction.COMPENSATE or step.verify is None:
-            if step is not None and step.at_most_once and run.direction is Direction.FORWARD:
-                blind = InputError("outcome unknown and the step is at_most_once: "
-                                   "it is never re-run without a successful verify")
-                return self._failed(saga, run, step, blind, worker, task_id,
-                                    force=Then.ESCALATE, expected=unknown)
-            lost = TimeoutError(f"lease expired on {run.worker}; retrying with the same key")
-            return self._failed(saga, run, step, lost, worker, task_id, expected=unknown)
-        ctx = self._context(saga, run, None, worker, task_id)
-        try:
-            landed = step.verify(ctx, saga.input)
+            step = self.registry.get(saga.name).step_named(run.step)
         except Exception as exc:
-            return self._failed(saga, run, step, exc, worker, task_id, expected=unknown)
-        if not landed:
+            return self._failed(saga, run, None, exc, worker, task_id, force=Then.ESCALATE,
+                                expected=u, status=u)
+        deliveries = run.deliveries + sum(r.deliveries for r in self.store.round_of(run))
+        if deliveries >= self.settings.max_deliveries:
+            parked = TerminalError(
+                f"parked after {deliveries} deliveries: its worker never finished this step "
+                "(killed? out of memory?)"
+            )
+            return self._failed(saga, run, step, parked, worker, task_id, expected=u, status=u)
+        forward = run.direction is Direction.FORWARD
+        if forward and step.verify is not None:
+            ctx = self._context(saga, run, None, worker, task_id)
+            try:
+                landed = step.verify(ctx, saga.input)
+            except Exception as exc:
+                return self._failed(saga, run, step, exc, worker, task_id, expected=u, status=u)
+            if landed:
+                return self._verified(saga, run, step, landed, worker, task_id)
             absent = TimeoutError("verify: the effect did not land; retrying with the same key")
-            return self._failed(saga, run, step, absent, worker, task_id, expected=unknown)
+            return self._failed(saga, run, step, absent, worker, task_id, expected=u)
+        if forward and step.at_most_once:
+            blind = TerminalError("outcome unknown and the step is at_most_once: it is never "
+                                  "re-run without a successful verify")
+            return self._failed(saga, run, step, blind, worker, task_id, expected=u, status=u)
+        lost = TimeoutError(f"lease of {run.worker} expired; retrying with the same key")
+        return self._failed(saga, run, step, lost, worker, task_id, expected=u, status=u)
+
+    def _verified(
+        self, saga: SagaRecord, run: StepRunRecord, step: Step, landed: Any, worker: str,
+        task_id: str | None,
+    ) -> str:
         definition = self.registry.get(saga.name)
         following = definition.steps[step.index + 1 :]
         result = None if landed is True else to_json(landed, "verify result")
@@ -354,7 +375,7 @@ class Engine:
             if following else None,
             worker=worker,
             task_id=task_id,
-            expected=unknown,
+            expected=StepStatus.UNKNOWN,
             message="verify: the effect landed",
         )
         self._after(saga, outcome)
@@ -383,7 +404,19 @@ class Engine:
             level=run.level,
             tier=run.tier or self._default_tier(saga.name, run.step),
             errors=errors,
+            on_heartbeat=lambda: self.store.extend_lease(
+                saga.id, run.id, worker=worker, lease=self._lease_of(saga.name, run.step)
+            ),
+            on_resource=lambda kind, ext: self.store.register_resource(
+                saga.id, run.id, run.step, kind, ext
+            ),
         )
+
+    def _lease_of(self, saga: str, step: str) -> float:
+        try:
+            return self.lease_for(self.registry.get(saga).step_named(step))
+        except Exception:
+            return self.settings.step_timeout + self.settings.lease_margin
 
     def _default_tier(self, saga: str, step: str) -> str | None:
         try:

@@ -17,3 +17,8 @@ def idempotency_key(saga_id: str, step: str, direction: Direction | str = Direct
     if Direction(direction) is Direction.COMPENSATE:
         parts.append("compensate")
     return hashlib.sha256(":".join(parts).encode()).hexdigest()
+
+
+def release_key(saga_id: str, kind: str, external_id: str) -> str:
+    """The key for releasing one orphaned resource: the same on every retry."""
+    return hashlib.sha256(f"{saga_id}:resource:{kind}:{external_id}:release".encode()).hexdigest()

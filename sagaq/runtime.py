@@ -79,9 +79,45 @@ class Runtime:
 
     def reconcile(self) -> Sweep:
         """One reconciler pass (the ``sagaq.reconcile`` beat task, ``sagaq reconcile``)."""
-        result = sweep(self.store)
+        result = sweep(self.store, self.settings)
         self.engine.publish_now(result.dispatches)
         return result
+
+    def release(self, resource_id: int) -> str:
+        """Release one orphaned resource (the ``sagaq.release`` task); pages if it cannot."""
+        from sagaq.context import ReleaseContext
+        from sagaq.engine import describe
+        from sagaq.keys import release_key
+        from sagaq.ladder import backoff
+
+        res = self.store.begin_release(resource_id)
+        if res is None:
+            return "dropped (released or in hand)"
+        saga = self.store.get_saga_or_raise(res.saga_id)
+        try:
+            releaser = self.registry.get(saga.name).releasers[res.kind]
+            releaser(ReleaseContext(saga.id, saga.name, res.step, res.kind, res.external_id,
+                                    release_key(saga.id, res.kind, res.external_id),
+                                    res.attempts))
+        except Exception as exc:
+            error = describe(exc)
+            if res.attempts <= self.settings.compensation_retries and not isinstance(
+                exc, KeyError
+            ):
+                delay = backoff(res.attempts, self.settings.retry_base, self.settings.retry_cap)
+                self.engine.publish_now(
+                    self.store.end_release(res, released=False, error=error, retry_in=delay)
+                )
+                return "retry"
+            if isinstance(exc, KeyError):
+                error = f"no @{saga.name}.releaser({res.kind!r}) is defined"
+            self.store.end_release(res, released=False, error=error)
+            self.engine.publish_now(
+                self.store.page_release_failure(saga.id, res.kind, res.external_id)
+            )
+            return "failed (paged)"
+        self.store.end_release(res, released=True)
+        return "released"
 
     def close(self) -> None:
         if self._app is not None:

@@ -37,6 +37,10 @@ class Settings:
     retry_cap: float = 30.0
     countdown_max: float = 30.0  # longer delays wait in Postgres (wake_at), not in Redis
     reconcile_interval: float = 5.0  # seconds between reconciler sweeps (Celery beat)
+    reconcile_batch: int = 500  # rows per sweep
+    republish_after: float = 30.0  # an outbox row this overdue is published again
+    rollback_deadline: float = 3600.0  # a rollback without progress this long pages
+    max_deliveries: int = 3  # a step whose worker died this often is parked, not re-run
     pool_size: int = 2  # per process: connections ~ concurrency * (pool + overflow)
     max_overflow: int = 2
 
@@ -56,7 +60,7 @@ class Settings:
 
     def validated(self) -> Settings:
         seconds = ("visibility_timeout", "step_timeout", "lease_margin", "retry_base", "retry_cap",
-                   "countdown_max", "reconcile_interval")
+                   "countdown_max", "reconcile_interval", "republish_after", "rollback_deadline")
         for name in seconds:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
@@ -77,7 +81,7 @@ class Settings:
         if self.retry_base <= 0 or self.retry_cap < self.retry_base:
             raise ConfigurationError("SAGAQ_RETRY_BASE must be > 0 and <= SAGAQ_RETRY_CAP")
         counts = ("retries", "retryable_retries", "reprompts", "per_tier", "refreshes",
-                  "compensation_retries", "pool_size")
+                  "compensation_retries", "pool_size", "reconcile_batch", "max_deliveries")
         for name in counts:
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"SAGAQ_{name.upper()} must be >= 0")

@@ -11,17 +11,21 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, signals
+from celery import _state as celery_state
+from celery.concurrency.thread import TaskPool as ThreadTaskPool
 from celery.worker import WorkController
 from kombu.asynchronous import set_event_loop
 
 from sagaq.definition import Saga, Step
+from sagaq.errors import ConfigurationError
 from sagaq.machine import Direction
 from sagaq.store import Dispatch
-from sagaq.store.base import NOTIFY_TASK
+from sagaq.store.base import NOTIFY_TASK, RELEASE_TASK
 
 RECONCILE_TASK = "sagaq.reconcile"
 
@@ -62,6 +66,7 @@ def celery_config(runtime: Runtime) -> dict[str, Any]:
 
 def create_app(runtime: Runtime, *, main: str = "sagaq") -> Celery:
     """A Celery app with a task for every step of every saga in the runtime's registry."""
+    check_time_limits(runtime)
     app = Celery(main, set_as_current=False)
     app.conf.update(celery_config(runtime))
     app.sagaq_runtime = runtime
@@ -77,6 +82,25 @@ def create_app(runtime: Runtime, *, main: str = "sagaq") -> Celery:
     return app
 
 
+def check_time_limits(runtime: Runtime) -> None:
+    """Refuse to start when a step may run past Redis's visibility timeout.
+
+    Redis would hand the message of a step still running to another worker; the claim
+    would drop it, but only by luck of timing. Say which step, and what to change.
+    """
+    s = runtime.settings
+    for saga in runtime.registry:
+        for step in saga.steps:
+            limit = (step.timeout or s.step_timeout) + s.lease_margin
+            if limit >= s.visibility_timeout:
+                raise ConfigurationError(
+                    f"step {saga.name}.{step.name} may run {limit:g}s (timeout + "
+                    f"SAGAQ_LEASE_MARGIN), not below SAGAQ_VISIBILITY_TIMEOUT="
+                    f"{s.visibility_timeout:g}s: lower its timeout or raise the visibility "
+                    "timeout"
+                )
+
+
 def _register_edges(app: Celery, runtime: Runtime) -> None:
     """The notification task and the reconciler's beat task."""
 
@@ -85,6 +109,12 @@ def _register_edges(app: Celery, runtime: Runtime) -> None:
 
     def reconcile() -> dict[str, int]:
         return runtime.reconcile().summary()
+
+    def release(saga_id: str, resource_id: int) -> str:
+        return runtime.release(int(resource_id))
+
+    app.task(name=RELEASE_TASK, shared=False, acks_late=True,
+             reject_on_worker_lost=True, soft_time_limit=300, time_limit=330)(release)
 
     app.task(name=NOTIFY_TASK, shared=False, acks_late=True,
              reject_on_worker_lost=True, soft_time_limit=60, time_limit=90)(notify)
@@ -154,6 +184,25 @@ class CeleryPublisher:
                 )
 
 
+class _AppThreads(ThreadTaskPool):  # type: ignore[misc]
+    """Celery's threads pool, each thread tracing tasks through this worker's own app.
+
+    Pool threads trace tasks through ``current_app``, which is the process default unless the
+    thread set its own: two embedded workers of different apps in one process would otherwise
+    run each other's tasks through whichever app was made the default last.
+    """
+
+    executor: ThreadPoolExecutor
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.executor.shutdown(wait=False)
+        app = self.app
+        self.executor = ThreadPoolExecutor(
+            max_workers=self.limit, initializer=app.set_current if app is not None else None
+        )
+
+
 class _EmbeddedWorker(WorkController):  # type: ignore[misc]
     """A worker that signals when its consumer is ready (for threads in one process)."""
 
@@ -176,8 +225,10 @@ def embedded_worker(
 ) -> Iterator[WorkController]:
     """Run a real Celery worker in a background thread of this process."""
     app.finalize()
-    # Pool threads start without a current app and trace tasks through the process default
-    # app: make it this one (our tasks are not shared with other apps).
+    # Pool threads trace tasks through their current app: the threads pool below sets it to
+    # this app in each of its threads. The default app is this one while the worker runs
+    # (for any other pool), and is put back afterwards.
+    previous_default = celery_state.default_app
     app.set_default()
     # Celery's Hub step reuses kombu's process-global event loop if one is set: a second
     # worker in this process would share (and, on stop, close) the first one's loop.
@@ -185,7 +236,7 @@ def embedded_worker(
     worker = _EmbeddedWorker(
         app=app,
         concurrency=concurrency,
-        pool=pool,
+        pool=_AppThreads if pool == "threads" else pool,
         hostname=hostname or f"embedded-{os.getpid()}-{threading.get_ident()}@localhost",
         loglevel=loglevel,
         without_heartbeat=True,
@@ -203,3 +254,5 @@ def embedded_worker(
     finally:
         worker.stop(in_sighandler=False)
         thread.join(30)
+        if celery_state.default_app is app:
+            celery_state.set_default_app(previous_default)

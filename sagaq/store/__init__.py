@@ -9,6 +9,7 @@ from sagaq.store.records import (
     NewRun,
     NotificationRecord,
     Outcome,
+    ResourceRecord,
     SagaRecord,
     StepRunRecord,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "NewRun",
     "NotificationRecord",
     "Outcome",
+    "ResourceRecord",
     "SagaRecord",
     "StepRunRecord",
     "Store",

@@ -23,12 +23,13 @@ from sqlalchemy.orm import Session
 from sagaq.keys import idempotency_key
 from sagaq.machine import Direction, SagaState, StepStatus, next_state
 from sagaq.notify.base import Action, Kind
-from sagaq.store.models import NOTIFICATIONS, OUTBOX, RUNS, SAGAS
+from sagaq.store.models import NOTIFICATIONS, OUTBOX, RESOURCES, RUNS, SAGAS
 from sagaq.store.records import Dispatch, NewRun, Outcome, SagaRecord
 from sagaq.store.timeline import Timeline, saga_record
 
 T = TypeVar("T")
 NOTIFY_TASK = "sagaq.notify"
+RELEASE_TASK = "sagaq.release"
 
 Channels = Mapping[Kind, tuple[str, ...]]
 """Which notification channels receive which kind of notice."""
@@ -167,6 +168,13 @@ class StoreBase:
         dispatches: list[Dispatch] = []
         if new is SagaState.NEEDS_HUMAN:
             dispatches = self._notify(conn, moved, Kind.PAGE, Action.TRIGGER, tl)
+        if new is SagaState.COMPENSATED:
+            # Whatever its steps registered and no compensation undid is now an orphan.
+            conn.execute(
+                sa.update(RESOURCES)
+                .where(RESOURCES.c.saga_id == saga.id, RESOURCES.c.status == "held")
+                .values(status="orphaned", updated_at=tl.now)
+            )
         return moved, dispatches
 
     def _notify(
@@ -199,7 +207,7 @@ class StoreBase:
             if notification_id is None:
                 continue  # this incident already has it: one incident, one page
             dispatches.append(self._outbox(conn, saga.id, NOTIFY_TASK, notification_id, tl.now,
-                                           notification=True))
+                                           ref="notification_id"))
             tl.add(f"{kind.value}.queued", message=f"{action.value} via {channel}",
                    data={"channel": channel, "incident": saga.incident, "action": action.value})
         return dispatches
@@ -209,26 +217,26 @@ class StoreBase:
         conn: sa.Connection,
         saga_id: str,
         task_name: str,
-        ref: int,
+        ref_id: int,
         available_at: datetime,
         *,
-        notification: bool = False,
+        ref: str,
         countdown: float = 0.0,
     ) -> Dispatch:
+        """An outbox row for a message about one step run, notification or resource."""
         message_id = str(uuid.uuid4())
         conn.execute(
             sa.insert(OUTBOX).values(
                 saga_id=saga_id,
-                step_run_id=None if notification else ref,
-                notification_id=ref if notification else None,
+                **{ref: ref_id},
                 task_name=task_name,
-                args=[saga_id, ref],
+                args=[saga_id, ref_id],
                 message_id=message_id,
                 available_at=available_at,
                 created_at=self.clock(),
             )
         )
-        return Dispatch(task_name, (saga_id, ref), message_id, countdown)
+        return Dispatch(task_name, (saga_id, ref_id), message_id, countdown)
 
     # -- scheduling ---------------------------------------------------------------------
 

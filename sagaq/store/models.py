@@ -175,11 +175,15 @@ class OutboxModel(Base):
     )
     step_run_id: Mapped[int | None] = mapped_column(BigId, unique=True)
     notification_id: Mapped[int | None] = mapped_column(BigId, unique=True)
+    resource_id: Mapped[int | None] = mapped_column(BigId, unique=True)
     task_name: Mapped[str] = mapped_column(sa.String(450))
     args: Mapped[Any] = mapped_column(Json)
     message_id: Mapped[str] = mapped_column(sa.String(64))
     available_at: Mapped[datetime] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # The reconciler re-publishes a row whose message seems lost, backing off each time.
+    republished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    republished: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
 
     __table_args__ = (sa.Index("ix_sagaq_outbox_available_at", "available_at"),)
 
@@ -214,6 +218,39 @@ class NotificationModel(Base):
     )
 
 
+class ResourceModel(Base):
+    """An external resource a step created (``ctx.resource``), released if orphaned."""
+
+    __tablename__ = "sagaq_resources"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    saga_id: Mapped[str] = mapped_column(
+        sa.String(36), sa.ForeignKey("sagaq_sagas.id", ondelete="CASCADE")
+    )
+    step: Mapped[str] = mapped_column(sa.String(200))
+    step_run_id: Mapped[int | None] = mapped_column(BigId)
+    kind: Mapped[str] = mapped_column(sa.String(100))
+    external_id: Mapped[str] = mapped_column(sa.String(255))
+    # held → released (its step was compensated) | orphaned (the saga ended without undoing
+    # it) → releasing → released | failed (paged)
+    status: Mapped[str] = mapped_column(sa.String(16))
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    released_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        sa.UniqueConstraint("saga_id", "kind", "external_id", name="uq_sagaq_resources_once"),
+        sa.Index(
+            "ix_sagaq_resources_orphaned",
+            "updated_at",
+            postgresql_where=sa.text("status = 'orphaned'"),
+            sqlite_where=sa.text("status = 'orphaned'"),
+        ),
+    )
+
+
 metadata = Base.metadata
 
 # Core tables, for the store's SQL.
@@ -222,3 +259,4 @@ RUNS = cast(sa.Table, StepRunModel.__table__)
 EVENTS = cast(sa.Table, EventModel.__table__)
 OUTBOX = cast(sa.Table, OutboxModel.__table__)
 NOTIFICATIONS = cast(sa.Table, NotificationModel.__table__)
+RESOURCES = cast(sa.Table, ResourceModel.__table__)

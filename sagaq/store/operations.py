@@ -17,7 +17,7 @@ from sagaq.ladder import Rung, Then
 from sagaq.machine import Direction, SagaState, StepStatus
 from sagaq.notify.base import Action, Kind
 from sagaq.store.base import Lost, uncompensated_query
-from sagaq.store.models import EVENTS, OUTBOX, RUNS, SAGAS
+from sagaq.store.models import EVENTS, OUTBOX, RESOURCES, RUNS, SAGAS
 from sagaq.store.notices import Notices
 from sagaq.store.records import (
     Claim,
@@ -28,6 +28,7 @@ from sagaq.store.records import (
     SagaRecord,
     StepRunRecord,
 )
+from sagaq.store.resources import Resources
 from sagaq.store.sweeps import Sweeps
 from sagaq.store.timeline import Timeline, saga_record, step_run_record
 from sagaq.store.views import Views
@@ -35,7 +36,7 @@ from sagaq.store.views import Views
 _FINAL_RUN = {StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.UNKNOWN}
 
 
-class Store(Notices, Sweeps, Views):
+class Store(Notices, Resources, Sweeps, Views):
     """Named operations over the sagaq tables."""
 
     # -- starting -----------------------------------------------------------------------
@@ -161,6 +162,12 @@ class Store(Notices, Sweeps, Views):
             return Claim(ClaimStatus.EXPIRED, run)
         else:
             status, why = ClaimStatus.BUSY, f"running on {run.worker} under a live lease"
+            # A redelivery of a running step (its worker may have died): count it, so a step
+            # that kills every worker it runs on is parked instead of looping.
+            conn.execute(
+                sa.update(RUNS).where(RUNS.c.id == run.id)
+                .values(deliveries=RUNS.c.deliveries + 1)
+            )
         tl.run_event(run, "dropped", f"duplicate delivery dropped: {why}")
         tl.flush(conn)
         return Claim(status, run)
@@ -205,11 +212,24 @@ class Store(Notices, Sweeps, Views):
             ).first()
             if row is None:
                 return False
+            conn.execute(sa.delete(OUTBOX).where(OUTBOX.c.step_run_id == run_id))
             tl = Timeline(saga_id, now, worker=worker)
             run = step_run_record(row)
             tl.run_event(run, "outcome_unknown", f"lease held by {run.worker} expired")
             tl.flush(conn)
         return True
+
+    def extend_lease(self, saga_id: str, run_id: int, *, worker: str, lease: float) -> bool:
+        """A long step's heartbeat: its lease now ends ``lease`` seconds from now."""
+        now = self.clock()
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                sa.update(RUNS)
+                .where(RUNS.c.id == run_id, RUNS.c.saga_id == saga_id,
+                       RUNS.c.status == StepStatus.RUNNING.value, RUNS.c.worker == worker)
+                .values(lease_expires_at=now + timedelta(seconds=lease))
+            )
+        return done.rowcount == 1
 
     def succeed(
         self,
@@ -233,6 +253,14 @@ class Store(Notices, Sweeps, Views):
                 )
             run = self._finish_run(conn, run_id, expected, StepStatus.SUCCEEDED, tl, message,
                                    result=result)
+            if run.direction is Direction.COMPENSATE:
+                # The compensation undid what its step created.
+                conn.execute(
+                    sa.update(RESOURCES)
+                    .where(RESOURCES.c.saga_id == saga_id, RESOURCES.c.step == run.step,
+                           RESOURCES.c.status == "held")
+                    .values(status="released", released_at=tl.now, updated_at=tl.now)
+                )
             if saga.state is SagaState.COMPENSATING:
                 return self._advance_rollback(conn, saga, tl)
             if saga.state is not SagaState.RUNNING or run.direction is not Direction.FORWARD:

@@ -139,6 +139,22 @@ class NotificationRecord:
 
 
 @dataclass(frozen=True)
+class ResourceRecord:
+    id: int
+    saga_id: str
+    step: str
+    step_run_id: int | None
+    kind: str
+    external_id: str
+    status: str  # held | released | orphaned | releasing | failed
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    released_at: datetime | None
+
+
+@dataclass(frozen=True)
 class Outcome:
     """What a write did: whether it won its guard, the saga's state after, what to publish."""
 

@@ -1,28 +1,56 @@
-"""Reconciler sweeps: small, bounded, idempotent batches over active rows only."""
+"""Reconciler sweeps: small, bounded, idempotent batches over active rows only.
+
+Each sweep is one transaction that first takes a transaction-level advisory lock of its own
+(on PostgreSQL): a second beat running the same sweep at the same moment skips it instead of
+doing the work twice. Rows are also taken ``FOR UPDATE SKIP LOCKED``. Every query is served
+by a partial index on active rows, so the cost does not grow with finished sagas.
+"""
 
 from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from datetime import timedelta
 
 import sqlalchemy as sa
 
 from sagaq.machine import SagaState, StepStatus
-from sagaq.store.base import StoreBase
-from sagaq.store.models import OUTBOX, RUNS, SAGAS
+from sagaq.notify.base import Action, Kind
+from sagaq.store.base import RELEASE_TASK, StoreBase
+from sagaq.store.models import OUTBOX, RESOURCES, RUNS, SAGAS
 from sagaq.store.records import Dispatch, SagaRecord
-from sagaq.store.timeline import Timeline, saga_record
+from sagaq.store.timeline import Timeline, saga_record, step_run_record
+
+
+def _lock_key(name: str) -> int:
+    return zlib.crc32(f"sagaq.sweep.{name}".encode())
 
 
 class Sweeps(StoreBase):
+    def _sweep(
+        self, name: str, body: Callable[[sa.Connection], list[Dispatch]]
+    ) -> list[Dispatch]:
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                got = conn.execute(
+                    sa.select(sa.func.pg_try_advisory_xact_lock(_lock_key(name)))
+                ).scalar()
+                if not got:
+                    return []  # another reconciler is running this sweep right now
+            return body(conn)
+
     def wake_due(self, batch: int = 100) -> list[Dispatch]:
         """Sagas whose durable wait is over: waiting → running, and their message out."""
-        now = self.clock()
-        dispatches: list[Dispatch] = []
-        with self.engine.begin() as conn:
+
+        def body(conn: sa.Connection) -> list[Dispatch]:
+            now = self.clock()
+            out: list[Dispatch] = []
             rows = conn.execute(
                 sa.select(SAGAS)
                 .where(SAGAS.c.state == SagaState.WAITING.value, SAGAS.c.wake_at <= now)
                 .order_by(SAGAS.c.wake_at)
                 .limit(batch)
-                .with_for_update(skip_locked=True)  # a second beat takes other rows
+                .with_for_update(skip_locked=True)
             ).all()
             for row in rows:
                 saga: SagaRecord = saga_record(row)
@@ -36,8 +64,169 @@ class Sweeps(StoreBase):
                         RUNS.c.status == StepStatus.SCHEDULED.value,
                     )
                 ).all()
-                dispatches += [
-                    Dispatch(r.task_name, (r.args[0], r.args[1]), r.message_id) for r in due
-                ]
+                out += [Dispatch(r.task_name, (r.args[0], r.args[1]), r.message_id) for r in due]
                 tl.flush(conn)
-        return dispatches
+            return out
+
+        return self._sweep("wake", body)
+
+    def republish_overdue(self, grace: float, batch: int = 500) -> list[Dispatch]:
+        """Outbox rows whose message should have been consumed by now: publish them again.
+
+        Covers a crash between commit and publish, and messages lost with Redis. A row is
+        tried again after ``grace`` seconds, then after twice that, and so on (at most an
+        hour apart), so a long queue is not flooded with copies.
+        """
+
+        def body(conn: sa.Connection) -> list[Dispatch]:
+            now = self.clock()
+            cutoff = now - timedelta(seconds=grace)
+            waiting = sa.exists().where(
+                SAGAS.c.id == OUTBOX.c.saga_id, SAGAS.c.state == SagaState.WAITING.value
+            )
+            rows = conn.execute(
+                sa.select(OUTBOX)
+                .where(
+                    OUTBOX.c.available_at <= cutoff,
+                    sa.or_(OUTBOX.c.republished_at.is_(None), OUTBOX.c.republished_at <= cutoff),
+                    ~waiting,
+                )
+                .order_by(OUTBOX.c.available_at)
+                .limit(batch)
+                .with_for_update(skip_locked=True)
+            ).all()
+            out: list[Dispatch] = []
+            for r in rows:
+                backoff = min(grace * 2 ** min(r.republished, 12), 3600.0)
+                if r.republished_at is not None and r.republished_at > now - timedelta(
+                    seconds=backoff
+                ):
+                    continue
+                conn.execute(
+                    sa.update(OUTBOX)
+                    .where(OUTBOX.c.id == r.id)
+                    .values(republished_at=now, republished=OUTBOX.c.republished + 1)
+                )
+                out.append(Dispatch(r.task_name, (r.args[0], r.args[1]), r.message_id))
+            return out
+
+        return self._sweep("republish", body)
+
+    def expired_leases(self, batch: int = 500) -> list[Dispatch]:
+        """Running step runs whose lease expired (the worker died): send a worker to find out.
+
+        The message goes to the step's own task, so the step's ``verify`` decides; an outbox
+        row is written too, so that if this message is lost it is published again.
+        """
+
+        def body(conn: sa.Connection) -> list[Dispatch]:
+            now = self.clock()
+            has_row = sa.exists().where(OUTBOX.c.step_run_id == RUNS.c.id)
+            rows = conn.execute(
+                sa.select(RUNS)
+                .where(
+                    RUNS.c.status == StepStatus.RUNNING.value,
+                    RUNS.c.lease_expires_at <= now,
+                    ~has_row,
+                )
+                .order_by(RUNS.c.lease_expires_at)
+                .limit(batch)
+                .with_for_update(skip_locked=True)
+            ).all()
+            out: list[Dispatch] = []
+            for row in rows:
+                run = step_run_record(row)
+                dispatch = self._outbox(conn, run.saga_id, run.task_name, run.id, now,
+                                        ref="step_run_id")
+                tl = Timeline(run.saga_id, now, worker="reconciler")
+                tl.run_event(run, "lease_expired",
+                             f"lease of {run.worker} expired; a worker will find out what happened")
+                tl.flush(conn)
+                out.append(dispatch)
+            return out
+
+        return self._sweep("leases", body)
+
+    def stalled_rollbacks(self, deadline: float, batch: int = 100) -> list[Dispatch]:
+        """Rollbacks that made no progress for ``deadline`` seconds: a human is paged."""
+
+        def body(conn: sa.Connection) -> list[Dispatch]:
+            now = self.clock()
+            rows = conn.execute(
+                sa.select(SAGAS)
+                .where(
+                    SAGAS.c.state == SagaState.COMPENSATING.value,
+                    SAGAS.c.updated_at <= now - timedelta(seconds=deadline),
+                )
+                .order_by(SAGAS.c.updated_at)
+                .limit(batch)
+                .with_for_update(skip_locked=True)
+            ).all()
+            out: list[Dispatch] = []
+            for row in rows:
+                saga = saga_record(row)
+                tl = Timeline(saga.id, now, worker="reconciler")
+                tl.add("ladder.rung", message="rung 4: page: the rollback made no progress",
+                       data={"level": 4, "applicable": True, "action": "page",
+                             "reason": f"no progress for {deadline:g}s",
+                             "direction": "compensate"})
+                _, pages = self._transition(
+                    conn, saga, "escalate", tl,
+                    error=f"the rollback made no progress for {deadline:g}s",
+                )
+                out += pages
+                tl.flush(conn)
+            return out
+
+        return self._sweep("stalled", body)
+
+    def orphans(self, batch: int = 100) -> list[Dispatch]:
+        """Resources left held by sagas that ended without undoing them: release them."""
+
+        def body(conn: sa.Connection) -> list[Dispatch]:
+            now = self.clock()
+            rows = conn.execute(
+                sa.select(RESOURCES)
+                .where(RESOURCES.c.status == "orphaned")
+                .order_by(RESOURCES.c.updated_at)
+                .limit(batch)
+                .with_for_update(skip_locked=True)
+            ).all()
+            out: list[Dispatch] = []
+            for r in rows:
+                conn.execute(
+                    sa.update(RESOURCES)
+                    .where(RESOURCES.c.id == r.id)
+                    .values(status="releasing", updated_at=now)
+                )
+                out.append(self._outbox(conn, r.saga_id, RELEASE_TASK, r.id, now,
+                                        ref="resource_id"))
+                tl = Timeline(r.saga_id, now, worker="reconciler")
+                tl.add("resource.orphaned", step=r.step,
+                       message=f"{r.kind} {r.external_id}: held after the saga ended; releasing",
+                       data={"kind": r.kind, "id": r.external_id})
+                tl.flush(conn)
+            return out
+
+        return self._sweep("orphans", body)
+
+    def page_release_failure(self, saga_id: str, kind: str, external_id: str) -> list[Dispatch]:
+        """A resource that could not be released: one page, a new incident of the saga."""
+        now = self.clock()
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                sa.update(SAGAS)
+                .where(SAGAS.c.id == saga_id)
+                .values(incident=SAGAS.c.incident + 1, updated_at=now)
+                .returning(*SAGAS.c)
+            ).one()
+            saga = saga_record(row)
+            tl = Timeline(saga_id, now, worker="reconciler")
+            tl.add("ladder.rung", message=f"rung 4: page: {kind} {external_id} not released",
+                   data={"level": 4, "applicable": True, "action": "page",
+                         "reason": f"releasing orphaned {kind} {external_id} failed",
+                         "direction": "compensate"})
+            pages = self._notify(conn, saga, Kind.PAGE, Action.TRIGGER, tl,
+                                 note=f"orphaned {kind} {external_id} could not be released")
+            tl.flush(conn)
+        return pages

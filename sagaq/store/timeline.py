@@ -9,7 +9,13 @@ import sqlalchemy as sa
 
 from sagaq.machine import Direction, SagaState, StepStatus
 from sagaq.store.models import EventModel
-from sagaq.store.records import EventRecord, NotificationRecord, SagaRecord, StepRunRecord
+from sagaq.store.records import (
+    EventRecord,
+    NotificationRecord,
+    ResourceRecord,
+    SagaRecord,
+    StepRunRecord,
+)
 
 
 class Timeline:
@@ -95,6 +101,10 @@ def step_run_record(row: Any) -> StepRunRecord:
     m["direction"] = Direction(m["direction"])
     m["status"] = StepStatus(m["status"])
     return StepRunRecord(**m)
+
+
+def resource_record(row: Any) -> ResourceRecord:
+    return ResourceRecord(**dict(row._mapping))
 
 
 def notification_record(row: Any) -> NotificationRecord:

@@ -1,0 +1,110 @@
+"""External resources steps create, and releasing the ones a finished saga left behind."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import sqlalchemy as sa
+
+from sagaq.store.base import StoreBase
+from sagaq.store.models import OUTBOX, RESOURCES
+from sagaq.store.records import Dispatch, ResourceRecord
+from sagaq.store.timeline import Timeline, resource_record
+
+RELEASING_LEASE = timedelta(seconds=300)  # a releaser that died is retried after this
+
+
+class Resources(StoreBase):
+    def register_resource(
+        self, saga_id: str, run_id: int, step: str, kind: str, external_id: str
+    ) -> bool:
+        """Record, and commit at once, that a step created ``kind`` ``external_id``.
+
+        Committed before the step returns, so a worker killed right after creating the
+        resource still leaves its trace. Registering the same resource twice is a no-op.
+        """
+        now = self.clock()
+        with self.engine.begin() as conn:
+            stmt = self._insert(conn)(RESOURCES).values(
+                saga_id=saga_id, step=step, step_run_id=run_id, kind=kind,
+                external_id=external_id, status="held", attempts=0,
+                created_at=now, updated_at=now,
+            ).on_conflict_do_nothing()
+            new = conn.execute(stmt.returning(RESOURCES.c.id)).scalar() is not None
+            if new:
+                tl = Timeline(saga_id, now)
+                tl.add("resource.registered", step=step, run_id=run_id,
+                       message=f"{kind} {external_id}", data={"kind": kind, "id": external_id})
+                tl.flush(conn)
+        return new
+
+    def resources(self, saga_id: str) -> list[ResourceRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(RESOURCES).where(RESOURCES.c.saga_id == saga_id).order_by(RESOURCES.c.id)
+            )
+            return [resource_record(r) for r in rows]
+
+    def begin_release(self, resource_id: int) -> ResourceRecord | None:
+        """releasing (fresh, or stale) → claimed by this releaser; None if someone has it."""
+        now = self.clock()
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                sa.update(RESOURCES)
+                .where(
+                    RESOURCES.c.id == resource_id,
+                    RESOURCES.c.status == "releasing",
+                    sa.or_(
+                        RESOURCES.c.attempts == 0,
+                        RESOURCES.c.updated_at < now - RELEASING_LEASE,
+                        # a retry scheduled by end_release: its outbox row is due
+                        sa.exists().where(
+                            OUTBOX.c.resource_id == RESOURCES.c.id,
+                            OUTBOX.c.available_at <= now,
+                        ),
+                    ),
+                )
+                .values(attempts=RESOURCES.c.attempts + 1, updated_at=now)
+                .returning(*RESOURCES.c)
+            ).first()
+        return resource_record(row) if row is not None else None
+
+    def end_release(
+        self, res: ResourceRecord, *, released: bool, error: str | None = None,
+        retry_in: float | None = None,
+    ) -> list[Dispatch]:
+        """released | failed (the caller pages) | a retry in ``retry_in`` seconds."""
+        now = self.clock()
+        with self.engine.begin() as conn:
+            tl = Timeline(res.saga_id, now)
+            row = conn.execute(sa.select(OUTBOX).where(OUTBOX.c.resource_id == res.id)).first()
+            if retry_in is not None and row is not None:
+                conn.execute(
+                    sa.update(OUTBOX).where(OUTBOX.c.id == row.id)
+                    .values(available_at=now + timedelta(seconds=retry_in))
+                )
+                conn.execute(
+                    sa.update(RESOURCES).where(RESOURCES.c.id == res.id)
+                    .values(last_error=error, updated_at=now)
+                )
+                tl.add("resource.retry", step=res.step,
+                       message=f"{res.kind} {res.external_id}: {error}; again in {retry_in:.1f}s",
+                       data={"kind": res.kind, "id": res.external_id, "attempt": res.attempts})
+                tl.flush(conn)
+                return [Dispatch(row.task_name, (row.args[0], row.args[1]), row.message_id,
+                                 retry_in)]
+            conn.execute(sa.delete(OUTBOX).where(OUTBOX.c.resource_id == res.id))
+            conn.execute(
+                sa.update(RESOURCES).where(RESOURCES.c.id == res.id).values(
+                    status="released" if released else "failed",
+                    last_error=error,
+                    updated_at=now,
+                    released_at=now if released else None,
+                )
+            )
+            what = "released" if released else "release_failed"
+            tl.add(f"resource.{what}", step=res.step,
+                   message=f"{res.kind} {res.external_id}" + (f": {error}" if error else ""),
+                   data={"kind": res.kind, "id": res.external_id, "attempt": res.attempts})
+            tl.flush(conn)
+        return []
