@@ -13,6 +13,7 @@ is up) it prints what it counted, as JSON. Every count but the first four must b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -21,7 +22,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -139,10 +139,8 @@ def _start_worker(i: int, args: argparse.Namespace, env: dict[str, str], tmp: Pa
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # the worker and its pool children, no warning
-    except ProcessLookupError:
-        pass
     proc.wait(10)
 
 

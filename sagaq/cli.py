@@ -8,6 +8,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any, TypeVar
 
 import click
@@ -261,6 +262,89 @@ def beat(env: Env, loglevel: str, celery_args: tuple[str, ...]) -> None:
     """Run Celery beat, which schedules the reconciler. Safe to run twice (it is
     idempotent and takes rows with SKIP LOCKED), though once is enough."""
     env.runtime().app.start(["beat", "--loglevel", loglevel, *celery_args])
+
+
+@main.command("approvals")
+@click.option("--all", "everything", is_flag=True, help="Decided requests too.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_env
+@friendly
+def approvals_cmd(env: Env, everything: bool, as_json: bool) -> None:
+    """List approval requests (pending ones, unless --all)."""
+    found = commands.approvals(env.store(), status=None if everything else "pending")
+    if as_json:
+        click.echo(json.dumps([commands.plain(asdict(a)) for a in found], indent=2))
+    else:
+        console.print(render.approvals_table(found))
+
+
+@main.command()
+@click.argument("approval_id")
+@click.option("--by", required=True, help="Who approves (recorded with the policy version).")
+@click.option("--note", help="Why.")
+@pass_env
+@friendly
+def approve(env: Env, approval_id: str, by: str, note: str | None) -> None:
+    """Approve a pending request: the step is dispatched (gated again by the policy)."""
+    decided = commands.decide(env.runtime(), approval_id, approve=True, by=by, note=note)
+    click.echo(f"{decided.id}: {decided.status} by {decided.decided_by}")
+
+
+@main.command()
+@click.argument("approval_id")
+@click.option("--by", required=True, help="Who denies (recorded with the policy version).")
+@click.option("--note", help="Why.")
+@pass_env
+@friendly
+def deny(env: Env, approval_id: str, by: str, note: str | None) -> None:
+    """Deny a pending request: a forward step is a terminal failure (the saga rolls back
+    before the pivot); a compensation is recorded as skipped and pages a human."""
+    decided = commands.decide(env.runtime(), approval_id, approve=False, by=by, note=note)
+    click.echo(f"{decided.id}: {decided.status} by {decided.decided_by}")
+
+
+@main.command()
+@click.argument("saga_id")
+@pass_env
+@friendly
+def evidence(env: Env, saga_id: str) -> None:
+    """Print the rollback evidence record of a saga as JSON: matched policy ids, approvals,
+    whether it rolled back, and the compensations dispatched, skipped and failed."""
+    click.echo(json.dumps(commands.evidence(env.store(), saga_id), indent=2))
+
+
+@main.group()
+def policy() -> None:
+    """The policy gate (SAGAQ_POLICY_FILE, SAGAQ_ENV)."""
+
+
+@policy.command("check")
+@click.argument("file", type=click.Path(dir_okay=False))
+@friendly
+def policy_check(file: str) -> None:
+    """Validate a policy file; errors name the file, the rule and the field."""
+    from sagaq import policy as policy_module
+
+    loaded = policy_module.load(file)
+    decisions = ", ".join(f"{r.id}: {r.decision.value}" for r in loaded.rules) or "no rules"
+    click.echo(f"{file}: ok, policy {loaded.label}, {len(loaded.rules)} rule(s) ({decisions})")
+
+
+@policy.command("explain")
+@click.argument("saga")
+@click.argument("step")
+@click.option("--env", "environment", help="The env fact (default: SAGAQ_ENV).")
+@click.option("--direction", default="forward", show_default=True,
+              type=click.Choice(["forward", "compensate"]))
+@click.option("--approved", is_flag=True, help="As if an approval were present.")
+@pass_env
+@friendly
+def policy_explain(env: Env, saga: str, step: str, environment: str | None, direction: str,
+                   approved: bool) -> None:
+    """Which rule matches a dispatch of SAGA's STEP, and why."""
+    click.echo(json.dumps(commands.explain(env.runtime(), saga, step, env=environment,
+                                           direction=direction, approval_present=approved),
+                          indent=2))
 
 
 @main.command()

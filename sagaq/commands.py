@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sagaq.errors import InputError, UnknownSagaError
 from sagaq.machine import Direction, SagaState, StepStatus
 from sagaq.store import (
+    ApprovalRecord,
     EventRecord,
     NotificationRecord,
     Outcome,
@@ -85,20 +86,20 @@ class Story:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "saga": _plain(asdict(self.saga)),
-            "step_runs": [_plain(asdict(r)) for r in self.runs],
-            "events": [_plain(asdict(e)) for e in self.events],
-            "notifications": [_plain(asdict(n)) for n in self.notifications],
+            "saga": plain(asdict(self.saga)),
+            "step_runs": [plain(asdict(r)) for r in self.runs],
+            "events": [plain(asdict(e)) for e in self.events],
+            "notifications": [plain(asdict(n)) for n in self.notifications],
             **{k: v for k, v in self.summary().items()
                if k in ("succeeded", "compensated", "rungs", "pages")},
         }
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, Enum):
@@ -157,9 +158,20 @@ def enqueue(runtime: Runtime, name: str, raw_input: str | None, *, key: str | No
     return runtime.engine.enqueue(runtime.registry.get(name), payload, key=key)
 
 
+def _needs_human(store: Store, ref: str, doing: str) -> str:
+    saga = store.get_saga_or_raise(resolve_id(store, ref))
+    if saga.state is not SagaState.NEEDS_HUMAN:
+        raise InputError(
+            f"saga {saga.id} is {saga.state.value}: only a saga in needs_human can be {doing}",
+            saga_id=saga.id,
+        )
+    return saga.id
+
+
 def retry(runtime: Runtime, ref: str, *, by: str, note: str | None = None) -> Outcome:
     """A saga in needs_human runs what is left: its compensations, or its failed step."""
-    outcome = runtime.store.retry(resolve_id(runtime.store, ref), by=by, note=note)
+    saga_id = _needs_human(runtime.store, ref, "retried")
+    outcome = runtime.store.retry(saga_id, by=by, note=note)
     runtime.engine.publish_now(outcome.dispatches)
     return outcome
 
@@ -168,6 +180,96 @@ def resolve(runtime: Runtime, ref: str, *, by: str, note: str) -> Outcome:
     """A human has put things right: the saga is resolved and its page closed."""
     if not note.strip():
         raise InputError("say what you did: --note is required")
-    outcome = runtime.store.resolve(resolve_id(runtime.store, ref), by=by, note=note)
+    saga_id = _needs_human(runtime.store, ref, "resolved")
+    outcome = runtime.store.resolve(saga_id, by=by, note=note)
     runtime.engine.publish_now(outcome.dispatches)
     return outcome
+
+
+def approvals(store: Store, *, status: str | None = "pending") -> list[ApprovalRecord]:
+    return store.approvals(status=status)
+
+
+def decide(
+    runtime: Runtime, ref: str, *, approve: bool, by: str, note: str | None = None
+) -> ApprovalRecord:
+    """Approve or deny a pending request; the decision, who and the policy version are
+    events on the saga's timeline."""
+    if not by.strip():
+        raise InputError("say who decides: --by NAME")
+    found = runtime.store.find_approval(ref)
+    outcome = runtime.store.decide(found.id, approve=approve, by=by, note=note,
+                                   policy=runtime.policy.label)
+    runtime.engine.publish_now(outcome.dispatches)
+    return runtime.store.find_approval(found.id)
+
+
+def evidence(store: Store, ref: str) -> dict[str, Any]:
+    """The rollback evidence record of one saga: what was dispatched under which policy,
+    who approved what, and what was undone, in order."""
+    st = story(store, ref)
+    verdicts = [e for e in st.events if e.kind == "policy.verdict"]
+    comp = [r for r in st.runs if r.direction is Direction.COMPENSATE]
+    dispatched = [e.step for e in st.events if e.kind == "compensation.scheduled"]
+    return {
+        "run_id": st.saga.id,
+        "saga": st.saga.name,
+        "definition_version": st.saga.version,
+        "status": st.saga.state.value,
+        "matched_policy_ids": sorted({rule for e in verdicts for rule in e.data["matched"]}),
+        "policy_versions": sorted({e.data["policy"] for e in verdicts}),
+        "verdicts": [
+            {"at": e.at.isoformat(), "step": e.step, "direction": e.data["direction"],
+             "decision": e.data["decision"], "rule": e.data["rule"],
+             "matched": e.data["matched"]}
+            for e in verdicts
+        ],
+        "approvals": [
+            {"id": a.id, "step": a.step, "direction": a.direction, "rule": a.rule_id,
+             "decision": a.status, "by": a.decided_by,
+             "at": a.decided_at.isoformat() if a.decided_at else None,
+             "note": a.note, "requested_under": a.policy_version,
+             "decided_under": a.decided_under}
+            for a in store.approvals(saga_id=st.saga.id)
+        ],
+        "rollback_triggered": any(e.kind == "rollback.plan" for e in st.events),
+        "rollback_mode": "lifo_stack",
+        "compensations": {
+            "dispatched": dispatched,
+            "succeeded": st.compensated(),
+            "skipped": [r.step for r in comp if r.status is StepStatus.SKIPPED],
+            "failed": [r.step for r in comp if r.status is StepStatus.FAILED],
+        },
+        "uncompensated": store.uncompensated(st.saga.id),
+        "error": st.saga.error,
+        "started_at": st.saga.created_at.isoformat(),
+        "finished_at": st.saga.finished_at.isoformat() if st.saga.finished_at else None,
+    }
+
+
+def explain(runtime: Runtime, saga: str, step: str, *, env: str | None = None,
+            direction: str = "forward", approval_present: bool = False) -> dict[str, Any]:
+    """Which rule matches one dispatch, and why: ``sagaq policy explain``."""
+    from sagaq.gate import Gate
+    from sagaq.policy import facts_dict
+
+    definition = runtime.registry.get(saga)
+    definition.step_named(step)
+    try:
+        way = Direction(direction)
+    except ValueError:
+        raise InputError("direction is forward or compensate") from None
+    gate = Gate(runtime.policy, runtime.registry, env or runtime.settings.env)
+    facts = gate.facts(saga, step, way, approval_present)
+    verdict = runtime.policy.evaluate(facts)
+    return {
+        "policy": runtime.policy.source,
+        "policy_version": runtime.policy.label,
+        "facts": facts_dict(facts),
+        "decision": verdict.decision.value,
+        "deciding_rule": verdict.rule_id,
+        "matched": list(verdict.matched),
+        "rules": runtime.policy.explain(facts),
+        "precedence": "deny > require_human > allow; first in the file among equals; "
+                      "no match: allow",
+    }

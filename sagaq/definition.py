@@ -77,6 +77,8 @@ class Step:
     validate: Validate | None = None  # rejects a result: a logical failure
     ladder: Bounds = field(default_factory=Bounds)
     classify: tuple[Classifier, ...] = ()
+    topic: str | None = None  # for the policy gate, e.g. "infra.delete"
+    tags: tuple[str, ...] = ()  # for the policy gate, e.g. ("payments", "prod-write")
 
     @property
     def task_name(self) -> str:
@@ -128,7 +130,7 @@ class Saga:
             )
         self.name = name
         self.ladder = ladder or Bounds()
-        self.classify = (classify,) if callable(classify) else tuple(classify)
+        self.classify = _classifiers(name, None, classify)
         self.refresh_hook: Action | None = None
         self.releasers: dict[str, Releaser] = {}
         self._pending: list[_Pending] = []
@@ -166,6 +168,8 @@ class Saga:
         validate: Validate | None = None,
         ladder: Bounds | None = None,
         classify: Classifier | tuple[Classifier, ...] = (),
+        topic: str | None = None,
+        tags: tuple[str, ...] = (),
     ) -> Callable[[Action], Action]: ...
 
     def step(
@@ -188,6 +192,8 @@ class Saga:
         validate: Validate | None = None,
         ladder: Bounds | None = None,
         classify: Classifier | tuple[Classifier, ...] = (),
+        topic: str | None = None,
+        tags: tuple[str, ...] = (),
     ) -> Action | Callable[[Action], Action]:
         """Declare the next step; use as ``@saga.step`` or ``@saga.step(...)``.
 
@@ -196,7 +202,8 @@ class Saga:
         pivot. Ladder options: ``retries`` (rung 0), ``tiers`` and ``fallback`` (rung 2),
         ``rungs`` (which of 0-2 apply; default 0, plus 1 and 2 for a step with tiers),
         ``validate`` (reject a result as a logical failure), ``ladder`` (all budgets),
-        ``classify`` (map this step's own exceptions to failure classes).
+        ``classify`` (map this step's own exceptions to failure classes). Policy facts:
+        ``topic`` and ``tags``.
         """
 
         def add(action: Action) -> Action:
@@ -217,6 +224,8 @@ class Saga:
                 validate=validate,
                 ladder=ladder,
                 classify=classify,
+                topic=topic,
+                tags=tags,
             )
             return action
 
@@ -423,7 +432,7 @@ def _check_options(
 def _ladder_options(saga: str, step: str, options: dict[str, Any]) -> dict[str, Any]:
     """Normalise the ladder options of one step; raise on the ones that cannot work."""
     tiers = options.get("tiers") or ()
-    if isinstance(tiers, str) or not all(isinstance(t, str) and t for t in tiers):
+    if not isinstance(tiers, tuple | list) or not all(isinstance(t, str) and t for t in tiers):
         raise DefinitionError(saga, step, "tiers is a tuple of tier names, small → large")
     tiers = tuple(tiers)
     if len(set(tiers)) != len(tiers) or "fallback" in tiers:
@@ -434,25 +443,40 @@ def _ladder_options(saga: str, step: str, options: dict[str, Any]) -> dict[str, 
     rungs = options.get("rungs")
     if rungs is None:
         rungs = (0, 1, 2) if tiers or fallback else (0,)
-    if not set(rungs) <= {0, 1, 2}:
+    if not isinstance(rungs, tuple | list | set | frozenset) or not set(rungs) <= {0, 1, 2}:
         raise DefinitionError(saga, step, "rungs names which of ladder rungs 0, 1, 2 apply")
-    ladder = options.get("ladder") or Bounds()
+    ladder = options.get("ladder")
+    ladder = Bounds() if ladder is None else ladder
     if not isinstance(ladder, Bounds):
         raise DefinitionError(saga, step, "ladder must be a sagaq.ladder.Bounds")
     if options.get("retries") is not None:
         ladder = Bounds(retries=options["retries"]).over(ladder)
-    classify = options.get("classify") or ()
-    classify = (classify,) if callable(classify) else tuple(classify)
+    classify = _classifiers(saga, step, options.get("classify") or ())
     validate = options.get("validate")
     if validate is not None and not callable(validate):
         raise DefinitionError(saga, step, "validate must be callable")
+    topic = options.get("topic")
+    if topic is not None and (not isinstance(topic, str) or not topic):
+        raise DefinitionError(saga, step, "topic must be a non-empty text, e.g. 'infra.delete'")
+    tags = options.get("tags") or ()
+    if isinstance(tags, str) or not all(isinstance(t, str) and t for t in tags):
+        raise DefinitionError(saga, step, "tags is a tuple of non-empty texts")
     return {
         **options,
         "tiers": tiers + (("fallback",) if fallback else ()),
         "rungs": frozenset(rungs),
         "ladder": ladder,
         "classify": classify,
+        "tags": tuple(tags),
     }
+
+
+def _classifiers(saga: str, step: str | None, value: Any) -> tuple[Classifier, ...]:
+    found = (value,) if callable(value) else value
+    if not isinstance(found, tuple | list) or not all(callable(c) for c in found):
+        raise DefinitionError(saga, step, "classify takes a function (or a tuple of them) "
+                              "mapping an exception to a FailureClass or None")
+    return tuple(found)
 
 
 def _check_order(saga: str, step: str, kind: StepKind, before: list[StepKind]) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tasks
 from sagaq.commands import Story, story
 from sagaq.machine import SagaState
 from sagaq.notify.log import LogNotifier
@@ -29,6 +30,7 @@ class Scenario:
     saga: str
     input: dict[str, Any]
     expect: SagaState
+    approve: bool | None = None  # the scripted approver's answer, if the policy asks one
 
 
 SCENARIOS = (
@@ -72,6 +74,20 @@ SCENARIOS = (
         SagaState.NEEDS_HUMAN,
     ),
     Scenario(
+        "offboarding: deleting the workspace needs a human, who approves after a pause",
+        "offboard_agent",
+        {"agent": "agent-45"},
+        SagaState.COMPLETED,
+        approve=True,
+    ),
+    Scenario(
+        "offboarding: the human denies the delete, so the saga rolls back",
+        "offboard_agent",
+        {"agent": "agent-46"},
+        SagaState.COMPENSATED,
+        approve=False,
+    ),
+    Scenario(
         "provisioning whose undo of the roles keeps failing: page a human",
         "provision_agent",
         {
@@ -87,7 +103,12 @@ def demo_settings(workdir: Path) -> Settings:
     return Settings(
         database_url=f"sqlite:///{workdir / 'sagaq-demo.sqlite3'}",
         broker_url="memory://localhost/",
-        imports=("tasks.provisioning", "tasks.orders", "tasks.triage", "tasks.subscription"),
+        imports=(
+            "tasks.provisioning", "tasks.orders", "tasks.triage", "tasks.subscription",
+            "tasks.offboarding",
+        ),
+        env="production",
+        policy_file=str(Path(tasks.__file__).with_name("policy.yaml")),
         queue="sagaq-demo",
         retries=2,
         retryable_retries=3,
@@ -109,10 +130,28 @@ def run(*, workdir: Path | None = None, timeout: float = 60.0) -> list[tuple[Sce
         try:
             with embedded_worker(runtime.app, concurrency=2):
                 ids = [runtime.engine.enqueue(s.saga, s.input) for s in SCENARIOS]
+                _approver(runtime, dict(zip(ids, SCENARIOS, strict=True)), timeout)
                 _wait(runtime, ids, timeout)
             return [(s, story(runtime.store, i)) for s, i in zip(SCENARIOS, ids, strict=True)]
         finally:
             runtime.close()
+
+
+def _approver(runtime: Runtime, plan: dict[str, Scenario], timeout: float) -> None:
+    """A scripted human: answers each approval request after a pause, as planned."""
+    from sagaq.commands import decide
+
+    waiting = {i for i, s in plan.items() if s.approve is not None}
+    deadline = time.monotonic() + timeout
+    while waiting and time.monotonic() < deadline:
+        for request in runtime.store.approvals(status="pending"):
+            if request.saga_id in waiting:
+                time.sleep(0.3)  # the human reads the request
+                yes = bool(plan[request.saga_id].approve)
+                decide(runtime, request.id, approve=yes, by="demo-approver",
+                       note="looks right" if yes else "not this one: the agent is still in use")
+                waiting.discard(request.saga_id)
+        time.sleep(0.05)
 
 
 def _wait(runtime: Runtime, ids: list[str], timeout: float) -> None:

@@ -333,10 +333,12 @@ class Engine:
         except Exception as exc:
             return self._failed(saga, run, None, exc, worker, task_id, force=Then.ESCALATE,
                                 expected=u, status=u)
-        deliveries = run.deliveries + sum(r.deliveries for r in self.store.round_of(run))
-        if deliveries >= self.settings.max_deliveries:
+        # Every earlier run of this round that ended unknown was a delivery whose worker
+        # never finished (killed, out of memory): a poison message is parked, not looped.
+        died = 1 + sum(r.status is u for r in self.store.round_of(run))
+        if died >= self.settings.max_deliveries:
             parked = TerminalError(
-                f"parked after {deliveries} deliveries: its worker never finished this step "
+                f"parked after {died} deliveries whose worker never finished this step "
                 "(killed? out of memory?)"
             )
             return self._failed(saga, run, step, parked, worker, task_id, expected=u, status=u)
@@ -423,7 +425,7 @@ class Engine:
             tiers = self.registry.get(saga).step_named(step).tiers
         except Exception:
             return None
-        return tiers[0] if tiers else None
+        return tiers[0] if tiers and tiers[0] != "fallback" else None
 
     def _new_run(
         self,
@@ -438,6 +440,8 @@ class Engine:
         forward = direction is Direction.FORWARD
         task = step.task_name if forward else step.compensate_task_name
         assert task is not None, f"{step.name} has no compensation task"
+        tier = step.tiers[0] if forward and step.tiers and step.tiers[0] != "fallback" else None
+        pivot = self.registry.get(step.saga).pivot_index if forward else None
         return NewRun(
             step=step.name,
             step_index=step.index,
@@ -447,6 +451,8 @@ class Engine:
             idempotency_key=idempotency_key(saga_id, step.name, direction),
             compensate_task=step.compensate_task_name if forward else None,
             delay=delay,
+            tier=tier,
+            after_pivot=pivot is not None and step.index > pivot,
             reason=reason,
         )
 

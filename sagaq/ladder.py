@@ -209,7 +209,9 @@ def decide(
 def _next_tier(tiers: tuple[str, ...], current: str | None) -> str | None:
     if not tiers:
         return None
-    index = tiers.index(current) if current in tiers else 0
+    # Not yet on a tier: the default one; a lone "fallback" is not a default, rung 2 goes to it.
+    default = -1 if tiers[0] == "fallback" else 0
+    index = tiers.index(current) if current in tiers else default
     return tiers[index + 1] if index + 1 < len(tiers) else None
 
 

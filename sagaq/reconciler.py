@@ -39,6 +39,7 @@ def sweep(store: Store, settings: Settings) -> Sweep:
         "expired": lambda: store.expired_leases(batch),
         "stalled": lambda: store.stalled_rollbacks(settings.rollback_deadline, batch),
         "orphans": lambda: store.orphans(batch),
+        "approvals_expired": lambda: store.expire_approvals(batch),
     }
     for name, run in passes.items():
         try:

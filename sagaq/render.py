@@ -13,7 +13,7 @@ from rich.text import Text
 
 from sagaq.commands import Story
 from sagaq.machine import Direction, SagaState, StepStatus
-from sagaq.store import SagaRecord
+from sagaq.store import ApprovalRecord, SagaRecord
 
 STATE_STYLE = {
     SagaState.PENDING: "dim",
@@ -116,3 +116,13 @@ def _event(kind: str) -> Text:
     elif kind.endswith("dropped"):
         style = "dim"
     return Text(kind, style=style)
+
+
+def approvals_table(approvals: list[ApprovalRecord]) -> Table:
+    table = Table(title=f"{len(approvals)} approval request(s)", title_justify="left")
+    for col in ("id", "saga", "step", "dir", "rule", "status", "deadline", "by"):
+        table.add_column(col, overflow="fold")
+    for a in approvals:
+        table.add_row(a.id, a.saga_id[:8], a.step, a.direction, a.rule_id, a.status,
+                      a.deadline.strftime("%Y-%m-%d %H:%M"), a.decided_by or "")
+    return table

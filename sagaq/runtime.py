@@ -7,11 +7,14 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from sagaq import policy
 from sagaq.definition import Registry, sagas
 from sagaq.engine import Engine
 from sagaq.errors import ConfigurationError
+from sagaq.gate import Gate
 from sagaq.notify.base import Kind, Notifier
 from sagaq.notify.config import load_notifiers, notifiers_by_name
+from sagaq.policy import ALLOW_ALL
 from sagaq.reconciler import Sweep, sweep
 from sagaq.settings import Settings
 from sagaq.store import Store
@@ -40,6 +43,9 @@ class Runtime:
             kind: tuple(name for name, n in self.notifiers.items() if kind in n.kinds)
             for kind in Kind
         }
+        # So does a malformed policy file, naming the file, the rule and the field.
+        self.policy = policy.load(settings.policy_file) if settings.policy_file else ALLOW_ALL
+        self.gate = Gate(self.policy, registry, settings.env)
         self.store = Store(
             create_engine(
                 settings.database_url,
@@ -47,6 +53,8 @@ class Runtime:
                 max_overflow=settings.max_overflow,
             ),
             channels=channels,
+            gate=self.gate,
+            approval_deadline=settings.approval_deadline,
         )
         self._app: Celery | None = None
         self._lock = threading.Lock()

@@ -41,6 +41,9 @@ class Settings:
     republish_after: float = 30.0  # an outbox row this overdue is published again
     rollback_deadline: float = 3600.0  # a rollback without progress this long pages
     max_deliveries: int = 3  # a step whose worker died this often is parked, not re-run
+    env: str = "development"  # the policy fact `env`
+    policy_file: str = ""  # a YAML policy; empty: every dispatch is allowed
+    approval_deadline: float = 86400.0  # an approval request not decided by then is denied
     pool_size: int = 2  # per process: connections ~ concurrency * (pool + overflow)
     max_overflow: int = 2
 
@@ -60,7 +63,8 @@ class Settings:
 
     def validated(self) -> Settings:
         seconds = ("visibility_timeout", "step_timeout", "lease_margin", "retry_base", "retry_cap",
-                   "countdown_max", "reconcile_interval", "republish_after", "rollback_deadline")
+                   "countdown_max", "reconcile_interval", "republish_after", "rollback_deadline",
+                   "approval_deadline")
         for name in seconds:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:

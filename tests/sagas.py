@@ -7,7 +7,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from sagaq import EnvironmentalError, Saga, StepContext
+from sagaq import EnvironmentalError, Saga, StepContext, TransientError
 from sagaq.ladder import Bounds
 from tasks.services import StandIn, simulate
 
@@ -123,3 +123,36 @@ sleepy = Saga("sleepy")
 def nap(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
     simulate(ctx, inp)
     return ledger.call(ctx, "nap")
+
+
+# -- stubborn: an undo that fails until the test says the remote system is repaired --------
+
+stubborn = Saga("stubborn")
+repaired = threading.Event()  # set: undo_first succeeds; clear: it answers 503
+
+
+@stubborn.step(compensate="undo_first")
+def first(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
+    return _forward(ctx, inp)
+
+
+@stubborn.step(compensate="undo_second")
+def second(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
+    return _forward(ctx, inp)
+
+
+@stubborn.step(no_rollback="test step")
+def third(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
+    return _forward(ctx, inp)
+
+
+@stubborn.compensation
+def undo_first(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
+    if not repaired.is_set():
+        raise TransientError("first: the undo endpoint answers 503")
+    return _undo(ctx, inp)
+
+
+@stubborn.compensation
+def undo_second(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
+    return _undo(ctx, inp)

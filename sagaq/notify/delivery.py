@@ -49,7 +49,10 @@ def build_notice(store: Store, n: NotificationRecord) -> Notice:
                                   "attempt": failed_step.attempt}
     kind = Kind(n.kind)
     action = Action(n.action)
-    if action is Action.RESOLVE:
+    if n.subject.startswith("approval:"):
+        summary = f"saga {saga.name} {saga.id[:8]} waits for a human decision: {n.note or ''}"
+        severity = "info"
+    elif action is Action.RESOLVE:
         summary = f"resolved: saga {saga.name} {saga.id[:8]}" + (f" ({n.note})" if n.note else "")
         severity = "info"
     elif kind is Kind.PAGE:

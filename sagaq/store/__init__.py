@@ -2,6 +2,7 @@
 
 from sagaq.store.operations import Store
 from sagaq.store.records import (
+    ApprovalRecord,
     Claim,
     ClaimStatus,
     Dispatch,
@@ -15,6 +16,7 @@ from sagaq.store.records import (
 )
 
 __all__ = [
+    "ApprovalRecord",
     "Claim",
     "ClaimStatus",
     "Dispatch",

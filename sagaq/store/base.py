@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -23,9 +23,12 @@ from sqlalchemy.orm import Session
 from sagaq.keys import idempotency_key
 from sagaq.machine import Direction, SagaState, StepStatus, next_state
 from sagaq.notify.base import Action, Kind
-from sagaq.store.models import NOTIFICATIONS, OUTBOX, RESOURCES, RUNS, SAGAS
+from sagaq.store.models import APPROVALS, NOTIFICATIONS, OUTBOX, RESOURCES, RUNS, SAGAS
 from sagaq.store.records import Dispatch, NewRun, Outcome, SagaRecord
-from sagaq.store.timeline import Timeline, saga_record
+from sagaq.store.timeline import Timeline, approval_record, saga_record
+
+if TYPE_CHECKING:
+    from sagaq.gate import Gate, GateResult
 
 T = TypeVar("T")
 NOTIFY_TASK = "sagaq.notify"
@@ -54,10 +57,14 @@ class StoreBase:
         *,
         clock: Callable[[], datetime] = utcnow,
         channels: Channels | None = None,
+        gate: Gate | None = None,
+        approval_deadline: float = 86400.0,
     ) -> None:
         self.engine = engine
         self.clock = clock
         self.channels: Channels = channels or {Kind.PAGE: ("log",), Kind.NOTIFY: ("log",)}
+        self.gate = gate  # the policy gate before every dispatch; None: allow everything
+        self.approval_deadline = approval_deadline
 
     def dispose(self, *, close: bool = True) -> None:
         """Forget pooled connections; ``close=False`` after a fork (the parent owns them)."""
@@ -185,6 +192,7 @@ class StoreBase:
         action: Action,
         tl: Timeline,
         note: str | None = None,
+        subject: str = "",
     ) -> list[Dispatch]:
         """One notification per channel for this incident, each with its outbox row."""
         dispatches = []
@@ -199,6 +207,7 @@ class StoreBase:
                 "status": "pending",
                 "attempts": 0,
                 "note": note,
+                "subject": subject,
                 "created_at": tl.now,
                 "updated_at": tl.now,
             }
@@ -248,6 +257,11 @@ class StoreBase:
         A delay longer than a Celery countdown should carry is never put in Redis: the saga
         moves to ``waiting`` with ``wake_at``, and the reconciler publishes when it is due.
         """
+        verdict = self._gate(conn, saga, new, tl)
+        if verdict is not None and verdict.decision.value == "deny":
+            rule = verdict.rule.id if verdict.rule else "?"
+            return saga, self._denied(conn, saga, new, tl, f"denied by policy rule {rule}")
+        parked = verdict is not None and verdict.decision.value == "require_human"
         not_before = tl.now + timedelta(seconds=new.delay) if new.delay > 0 else None
         message_id = str(uuid.uuid4())
         run_id = conn.execute(
@@ -290,10 +304,117 @@ class StoreBase:
                data={"attempt": new.attempt, "delay": new.delay, "level": new.level,
                      "tier": new.tier})
         dispatch = Dispatch(new.task_name, (saga.id, run_id), message_id, new.delay)
+        if parked:
+            assert verdict is not None
+            return self._park(conn, saga, new, run_id, tl, verdict)
         if new.durable and saga.state is SagaState.RUNNING:
             saga, _ = self._transition(conn, saga, "wait", tl, wake_at=not_before)
             return saga, []  # published by the reconciler at wake_at, not now
         return saga, [dispatch]
+
+    # -- the policy gate ----------------------------------------------------------------
+
+    def _gate(
+        self, conn: sa.Connection, saga: SagaRecord, new: NewRun, tl: Timeline
+    ) -> GateResult | None:
+        """The verdict on this dispatch, written to the timeline; None when no policy."""
+        if self.gate is None or not self.gate.active:
+            return None
+        approvals = []
+        if self.gate.needs_approvals(saga.name, new.step, new.direction):
+            approvals = [
+                approval_record(r) for r in conn.execute(
+                    sa.select(APPROVALS).where(APPROVALS.c.saga_id == saga.id,
+                                               APPROVALS.c.step == new.step)
+                )
+            ]
+        result = self.gate.check(saga.name, new.step, new.direction, approvals)
+        v = result.verdict
+        prefix = "step" if new.direction is Direction.FORWARD else "compensation"
+        detail = f"{result.decision.value}" + (f" by rule {v.rule_id}" if v.rule_id else "")
+        if result.approval is not None:
+            detail += f" (approved by {result.approval.decided_by})"
+        if result.note:
+            detail += f"; {result.note}"
+        tl.add("policy.verdict", step=new.step, message=f"{prefix}: {detail}",
+               data={"decision": result.decision.value, "matched": list(v.matched),
+                     "rule": v.rule_id, "direction": new.direction.value,
+                     "policy": self.gate.policy.label,
+                     "approval": result.approval.id if result.approval else None})
+        return result
+
+    def _denied(
+        self, conn: sa.Connection, saga: SagaRecord, new: NewRun, tl: Timeline, why: str
+    ) -> list[Dispatch]:
+        """A denied dispatch: recorded as skipped, never run; then the ladder climbs."""
+        run_id = conn.execute(
+            sa.insert(RUNS).values(
+                saga_id=saga.id, step=new.step, step_index=new.step_index,
+                direction=new.direction.value, attempt=new.attempt,
+                status=StepStatus.SKIPPED.value, task_name=new.task_name,
+                compensate_task=new.compensate_task, idempotency_key=new.idempotency_key,
+                message_id=str(uuid.uuid4()), deliveries=0, level=3, error=why,
+                error_type="PolicyDenied", failure="terminal", scheduled_at=tl.now,
+                finished_at=tl.now,
+            ).returning(RUNS.c.id)
+        ).scalar_one()
+        forward = new.direction is Direction.FORWARD
+        prefix = "step" if forward else "compensation"
+        tl.add(f"{prefix}.skipped", step=new.step, run_id=run_id, message=why,
+               data={"direction": new.direction.value})
+        if forward and not new.after_pivot:
+            self._rungs(tl, new, run_id, [(1, False), (2, False), (3, True)], why)
+            trigger = "deny" if saga.state is SagaState.AWAITING_APPROVAL else "rollback"
+            return self._start_rollback(conn, saga, tl, f"{new.step}: {why}", trigger)
+        # After the pivot nothing is undone; a denied compensation must be undone by hand.
+        levels = [(3, False), (4, True)] if forward else [(4, True)]
+        self._rungs(tl, new, run_id, levels, why)
+        what = "" if forward else " (undo it by hand)"
+        return self._transition(conn, saga, "escalate", tl, error=f"{new.step}: {why}{what}")[1]
+
+    def _rungs(self, tl: Timeline, new: NewRun, run_id: int, levels: list[tuple[int, bool]],
+               why: str) -> None:
+        for level, applicable in levels:
+            action = {3: "compensate", 4: "page"}.get(level, "not applicable")
+            if not applicable:
+                action = "not applicable"
+            tl.add("ladder.rung", step=new.step, run_id=run_id,
+                   message=f"rung {level}: {action}: {why}",
+                   data={"level": level, "applicable": applicable, "action": action,
+                         "reason": why, "direction": new.direction.value})
+
+    def _park(
+        self, conn: sa.Connection, saga: SagaRecord, new: NewRun, run_id: int, tl: Timeline,
+        verdict: GateResult,
+    ) -> tuple[SagaRecord, list[Dispatch]]:
+        """require_human: ask once, durably; the saga waits holding no worker."""
+        from sagaq.gate import approval_id
+
+        assert verdict.rule is not None and self.gate is not None
+        rule = verdict.rule
+        request = approval_id(saga.id, new.step, new.direction.value, rule)
+        deadline = tl.now + timedelta(seconds=rule.deadline or self.approval_deadline)
+        stmt = self._insert(conn)(APPROVALS).values(
+            id=request, saga_id=saga.id, step=new.step, direction=new.direction.value,
+            step_run_id=run_id, rule_id=rule.id, rule_fingerprint=rule.fingerprint,
+            policy_version=self.gate.policy.label, status="pending", deadline=deadline,
+            requested_at=tl.now,
+        ).on_conflict_do_nothing()
+        if conn.execute(stmt).rowcount == 1:
+            tl.add("approval.requested", step=new.step, run_id=run_id,
+                   message=f"rule {rule.id}: approval {request[:8]} requested, deadline "
+                           f"{deadline.isoformat(timespec='seconds')}",
+                   data={"approval": request, "rule": rule.id, "deadline": deadline.isoformat(),
+                         "direction": new.direction.value})
+        else:  # asked before (a retry, a redelivery): point the request at this run
+            conn.execute(sa.update(APPROVALS).where(APPROVALS.c.id == request)
+                         .values(step_run_id=run_id))
+        saga, _ = self._transition(conn, saga, "request_approval", tl)
+        notices = self._notify(conn, saga, Kind.NOTIFY, Action.TRIGGER, tl,
+                               note=f"approval {request} needed: rule {rule.id}, step "
+                                    f"{new.step}; `sagaq approve {request} --by NAME`",
+                               subject=f"approval:{request}")
+        return saga, notices
 
     # -- rollback -----------------------------------------------------------------------
 

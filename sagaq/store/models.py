@@ -201,6 +201,8 @@ class NotificationModel(Base):
     channel: Mapped[str] = mapped_column(sa.String(64))
     kind: Mapped[str] = mapped_column(sa.String(16))  # page | notify
     action: Mapped[str] = mapped_column(sa.String(16))  # trigger | resolve
+    # What it is about, beyond the incident: "" for pages, "approval:<id>" for a request.
+    subject: Mapped[str] = mapped_column(sa.String(100), default="", server_default="")
     dedup_key: Mapped[str] = mapped_column(sa.String(255))
     status: Mapped[str] = mapped_column(sa.String(16))  # pending | sent | failed
     attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
@@ -212,7 +214,8 @@ class NotificationModel(Base):
 
     __table_args__ = (
         sa.UniqueConstraint(
-            "saga_id", "incident", "channel", "kind", "action", name="uq_sagaq_notifications_once"
+            "saga_id", "incident", "channel", "kind", "action", "subject",
+            name="uq_sagaq_notifications_once",
         ),
         sa.Index("ix_sagaq_notifications_saga_id", "saga_id", "id"),
     )
@@ -251,6 +254,41 @@ class ResourceModel(Base):
     )
 
 
+class ApprovalModel(Base):
+    """A durable request for a human decision on one dispatch, asked once."""
+
+    __tablename__ = "sagaq_approvals"
+
+    # Derived from (saga, step, direction, rule): asking again finds the same request.
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    saga_id: Mapped[str] = mapped_column(
+        sa.String(36), sa.ForeignKey("sagaq_sagas.id", ondelete="CASCADE")
+    )
+    step: Mapped[str] = mapped_column(sa.String(200))
+    direction: Mapped[str] = mapped_column(sa.String(16))
+    step_run_id: Mapped[int | None] = mapped_column(BigId)
+    rule_id: Mapped[str] = mapped_column(sa.String(200))
+    rule_fingerprint: Mapped[str] = mapped_column(sa.String(32))
+    policy_version: Mapped[str] = mapped_column(sa.String(64))  # when it was requested
+    status: Mapped[str] = mapped_column(sa.String(16))  # pending | approved | denied
+    deadline: Mapped[datetime] = mapped_column(UTCDateTime)
+    requested_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    decided_by: Mapped[str | None] = mapped_column(sa.String(200))
+    decided_under: Mapped[str | None] = mapped_column(sa.String(64))  # policy version then
+    note: Mapped[str | None] = mapped_column(sa.Text)
+
+    __table_args__ = (
+        sa.Index("ix_sagaq_approvals_saga_id", "saga_id"),
+        sa.Index(
+            "ix_sagaq_approvals_pending",
+            "deadline",
+            postgresql_where=sa.text("status = 'pending'"),
+            sqlite_where=sa.text("status = 'pending'"),
+        ),
+    )
+
+
 metadata = Base.metadata
 
 # Core tables, for the store's SQL.
@@ -260,3 +298,4 @@ EVENTS = cast(sa.Table, EventModel.__table__)
 OUTBOX = cast(sa.Table, OutboxModel.__table__)
 NOTIFICATIONS = cast(sa.Table, NotificationModel.__table__)
 RESOURCES = cast(sa.Table, ResourceModel.__table__)
+APPROVALS = cast(sa.Table, ApprovalModel.__table__)

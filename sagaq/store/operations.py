@@ -16,6 +16,7 @@ from sagaq.errors import UnknownSagaError
 from sagaq.ladder import Rung, Then
 from sagaq.machine import Direction, SagaState, StepStatus
 from sagaq.notify.base import Action, Kind
+from sagaq.store.approvals import Approvals
 from sagaq.store.base import Lost, uncompensated_query
 from sagaq.store.models import EVENTS, OUTBOX, RESOURCES, RUNS, SAGAS
 from sagaq.store.notices import Notices
@@ -36,7 +37,7 @@ from sagaq.store.views import Views
 _FINAL_RUN = {StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.UNKNOWN}
 
 
-class Store(Notices, Resources, Sweeps, Views):
+class Store(Approvals, Notices, Resources, Sweeps, Views):
     """Named operations over the sagaq tables."""
 
     # -- starting -----------------------------------------------------------------------
@@ -97,7 +98,8 @@ class Store(Notices, Resources, Sweeps, Views):
         with self._tx() as conn:
             tl = Timeline(saga_id, now, worker=worker, task_id=task_id)
             waiting = sa.exists().where(
-                SAGAS.c.id == saga_id, SAGAS.c.state == SagaState.WAITING.value
+                SAGAS.c.id == saga_id,
+                SAGAS.c.state.in_([SagaState.WAITING.value, SagaState.AWAITING_APPROVAL.value]),
             )
             row = conn.execute(
                 sa.update(RUNS)
@@ -157,17 +159,11 @@ class Store(Notices, Resources, Sweeps, Views):
         if run.status in _FINAL_RUN:
             status, why = ClaimStatus.FINISHED, f"run already {run.status.value}"
         elif run.status is StepStatus.SCHEDULED:
-            status, why = ClaimStatus.EARLY, "the saga is waiting; the reconciler wakes it"
+            status, why = ClaimStatus.EARLY, "the saga is waiting (a durable wait or an approval)"
         elif run.lease_expires_at is not None and run.lease_expires_at <= now:
             return Claim(ClaimStatus.EXPIRED, run)
         else:
             status, why = ClaimStatus.BUSY, f"running on {run.worker} under a live lease"
-            # A redelivery of a running step (its worker may have died): count it, so a step
-            # that kills every worker it runs on is parked instead of looping.
-            conn.execute(
-                sa.update(RUNS).where(RUNS.c.id == run.id)
-                .values(deliveries=RUNS.c.deliveries + 1)
-            )
         tl.run_event(run, "dropped", f"duplicate delivery dropped: {why}")
         tl.flush(conn)
         return Claim(status, run)

@@ -86,6 +86,7 @@ class NewRun:
     idempotency_key: str
     compensate_task: str | None = None
     delay: float = 0.0  # seconds before the message may run
+    after_pivot: bool = False  # a denial by the policy then pages instead of rolling back
     durable: bool = False  # too long for a countdown: the saga waits in Postgres instead
     level: int = 0  # the ladder rung this attempt runs at
     tier: str | None = None  # the model tier it runs on
@@ -136,6 +137,26 @@ class NotificationRecord:
     created_at: datetime
     updated_at: datetime
     sent_at: datetime | None
+    subject: str = ""
+
+
+@dataclass(frozen=True)
+class ApprovalRecord:
+    id: str
+    saga_id: str
+    step: str
+    direction: str
+    step_run_id: int | None
+    rule_id: str
+    rule_fingerprint: str
+    policy_version: str
+    status: str  # pending | approved | denied
+    deadline: datetime
+    requested_at: datetime
+    decided_at: datetime | None
+    decided_by: str | None
+    decided_under: str | None
+    note: str | None
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,8 @@ class Sweeps(StoreBase):
             now = self.clock()
             cutoff = now - timedelta(seconds=grace)
             waiting = sa.exists().where(
-                SAGAS.c.id == OUTBOX.c.saga_id, SAGAS.c.state == SagaState.WAITING.value
+                SAGAS.c.id == OUTBOX.c.saga_id,
+                SAGAS.c.state.in_([SagaState.WAITING.value, SagaState.AWAITING_APPROVAL.value]),
             )
             rows = conn.execute(
                 sa.select(OUTBOX)

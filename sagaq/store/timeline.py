@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from sagaq.machine import Direction, SagaState, StepStatus
 from sagaq.store.models import EventModel
 from sagaq.store.records import (
+    ApprovalRecord,
     EventRecord,
     NotificationRecord,
     ResourceRecord,
@@ -101,6 +102,10 @@ def step_run_record(row: Any) -> StepRunRecord:
     m["direction"] = Direction(m["direction"])
     m["status"] = StepStatus(m["status"])
     return StepRunRecord(**m)
+
+
+def approval_record(row: Any) -> ApprovalRecord:
+    return ApprovalRecord(**dict(row._mapping))
 
 
 def resource_record(row: Any) -> ResourceRecord:

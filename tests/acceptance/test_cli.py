@@ -63,10 +63,12 @@ def test_demo_json_reports_each_saga_with_its_story() -> None:
         ("ticket_triage", "completed"),
         ("provision_agent", "compensated"),
         ("subscription", "needs_human"),
+        ("offboard_agent", "completed"),
+        ("offboard_agent", "compensated"),
         ("provision_agent", "needs_human"),
     ]
     assert {"id", "name", "state", "succeeded", "compensated", "rungs", "pages"} <= set(sagas[0])
-    ok, flaky, model, undone, pivot, stuck = sagas
+    ok, flaky, model, undone, pivot, approved, denied, stuck = sagas
     steps = ["create_identity", "assign_roles", "allocate_runtime", "inject_credentials"]
     assert ok["succeeded"] == steps and ok["compensated"] == [] and ok["rungs"] == []
     # the invoice API timed out twice: rung 0, twice, then it answered
@@ -86,7 +88,12 @@ def test_demo_json_reports_each_saga_with_its_story() -> None:
     assert stuck["compensated"] == ["allocate_runtime"]
     assert stuck["rungs"] == [1, 2, 3, 4] and stuck["pages"] == 1
     assert "assign_roles" in stuck["error"]
-    assert len({s["id"] for s in sagas}) == 6
+    # the policy asks a human before the workspace is deleted: yes completes it, no rolls
+    # back what came before (LIFO), and the delete never ran
+    assert approved["succeeded"] == ["revoke_keys", "snapshot_data", "delete_workspace"]
+    assert denied["succeeded"] == ["revoke_keys", "snapshot_data"]
+    assert denied["compensated"] == ["snapshot_data", "revoke_keys"]
+    assert len({s["id"] for s in sagas}) == 8
 
 
 def test_demo_prints_each_timeline() -> None:

@@ -9,6 +9,8 @@ import pytest
 
 from sagaq.definition import Registry, Saga, Step, StepKind
 from sagaq.errors import DefinitionError, UnknownSagaError
+from sagaq.failures import FailureClass
+from sagaq.ladder import Bounds
 
 SAGA = "orders"
 
@@ -41,6 +43,10 @@ SIDE_EFFECT_RULE = (
     "(or side_effect=False if it only reads)"
 )
 COMPENSABLE_FIRST = "compensable steps come before the pivot and any step that cannot be undone"
+TIERS_RULE = "tiers is a tuple of tier names, small → large"
+UNIQUE_TIERS_RULE = "tier names are unique and not 'fallback'"
+RUNGS_RULE = "rungs names which of ladder rungs 0, 1, 2 apply"
+LADDER_RULE = "ladder must be a sagaq.ladder.Bounds"
 
 # (declared before, the failing step's name, its declaration, the exact rule)
 ADD_FAILURES = [
@@ -176,6 +182,43 @@ ADD_FAILURES = [
         "timeout must be a positive number of seconds",
         id="str-timeout",
     ),
+    # -- ladder options (issue 4) ------------------------------------------------------
+    pytest.param([], "m", {**CN, "tiers": "large"}, TIERS_RULE, id="tiers-a-string"),
+    pytest.param([], "m", {**CN, "tiers": ("small", "")}, TIERS_RULE, id="tiers-empty-name"),
+    pytest.param([], "m", {**CN, "tiers": ("small", 2)}, TIERS_RULE, id="tiers-not-names"),
+    pytest.param([], "m", {**CN, "tiers": 3}, TIERS_RULE, id="tiers-not-a-sequence"),
+    pytest.param(
+        [], "m", {**CN, "tiers": ("small", "small")}, UNIQUE_TIERS_RULE, id="tiers-duplicate"
+    ),
+    pytest.param(
+        [], "m", {**CN, "tiers": ("small", "fallback")}, UNIQUE_TIERS_RULE, id="tier-fallback"
+    ),
+    pytest.param(
+        [],
+        "m",
+        {**CN, "tiers": ("fallback",), "fallback": undo},
+        UNIQUE_TIERS_RULE,
+        id="tier-fallback-with-a-fallback",
+    ),
+    pytest.param([], "m", {**CN, "rungs": (0, 3)}, RUNGS_RULE, id="rung-3"),
+    pytest.param([], "m", {**CN, "rungs": (-1,)}, RUNGS_RULE, id="rung-negative"),
+    pytest.param([], "m", {**CN, "rungs": ("0", "1")}, RUNGS_RULE, id="rungs-as-strings"),
+    pytest.param([], "m", {**CN, "rungs": 2}, RUNGS_RULE, id="rungs-not-a-collection"),
+    pytest.param(
+        [],
+        "m",
+        {**CN, "fallback": "large_model"},
+        "fallback must be callable",
+        id="fallback-a-name",
+    ),
+    pytest.param(
+        [], "m", {**CN, "validate": "check"}, "validate must be callable", id="validate-a-name"
+    ),
+    pytest.param(
+        [], "m", {**CN, "validate": True}, "validate must be callable", id="validate-a-bool"
+    ),
+    pytest.param([], "m", {**CN, "ladder": {"retries": 5}}, LADDER_RULE, id="ladder-a-dict"),
+    pytest.param([], "m", {**CN, "ladder": 3}, LADDER_RULE, id="ladder-a-number"),
 ]
 
 
@@ -471,6 +514,107 @@ def test_options_are_kept() -> None:
     add(saga, "a", no_rollback="audit log", retries=7, timeout=2.5, at_most_once=True)
     (a,) = saga.steps
     assert (a.no_rollback, a.retries, a.timeout, a.at_most_once) == ("audit log", 7, 2.5, True)
+
+
+# -- ladder options ----------------------------------------------------------------------
+
+
+def bigger(ctx: Any, inp: Any) -> None:
+    return None
+
+
+def check(ctx: Any, result: Any) -> bool:
+    return True
+
+
+def on_vendor(exc: BaseException) -> FailureClass | None:
+    return None
+
+
+def on_parse(exc: BaseException) -> FailureClass | None:
+    return None
+
+
+@pytest.mark.parametrize(
+    ("options", "rungs", "tiers"),
+    [
+        pytest.param({}, {0}, (), id="plain-step"),
+        pytest.param({"tiers": ("small", "large")}, {0, 1, 2}, ("small", "large"), id="tiers"),
+        pytest.param({"tiers": ["small", "large"]}, {0, 1, 2}, ("small", "large"), id="list"),
+        pytest.param({"fallback": bigger}, {0, 1, 2}, ("fallback",), id="fallback-only"),
+        pytest.param(
+            {"tiers": ("small", "large"), "fallback": bigger},
+            {0, 1, 2},
+            ("small", "large", "fallback"),
+            id="tiers-and-fallback",
+        ),
+        pytest.param(
+            {"tiers": ("small", "large"), "rungs": (0, 2)},
+            {0, 2},
+            ("small", "large"),
+            id="declared-rungs-win",
+        ),
+        pytest.param({"rungs": ()}, set(), (), id="no-rungs"),
+        pytest.param({"rungs": [1, 1, 0]}, {0, 1}, (), id="rungs-a-list"),
+        pytest.param({"tiers": None}, {0}, (), id="tiers-none"),
+    ],
+)
+def test_ladder_options_are_normalised(
+    options: dict[str, Any], rungs: set[int], tiers: tuple[str, ...]
+) -> None:
+    saga = new_saga()
+    add(saga, "m", side_effect=False, **options)
+    (m,) = saga.steps
+    assert m.rungs == frozenset(rungs) and isinstance(m.rungs, frozenset)
+    assert m.tiers == tiers and isinstance(m.tiers, tuple)
+    assert m.fallback is options.get("fallback")
+    assert (m.ladder, m.classify, m.validate) == (Bounds(), (), None)
+
+
+def test_retries_fold_into_the_ladder() -> None:
+    saga = new_saga()
+    add(saga, "a", side_effect=False, retries=5)
+    add(saga, "b", side_effect=False, retries=0, ladder=Bounds(reprompts=1, cap=9.0))
+    add(saga, "c", side_effect=False, ladder=Bounds(per_tier=2))
+    add(saga, "d", side_effect=False)
+    a, b, c, d = saga.steps
+    assert (a.retries, a.ladder) == (5, Bounds(retries=5))
+    assert (b.retries, b.ladder) == (0, Bounds(retries=0, reprompts=1, cap=9.0))
+    assert (c.retries, c.ladder) == (None, Bounds(per_tier=2))
+    assert (d.retries, d.ladder) == (None, Bounds())
+
+
+def test_validate_and_classifiers_are_kept() -> None:
+    saga = new_saga()
+    add(saga, "a", side_effect=False, validate=check, classify=on_vendor)
+    add(saga, "b", side_effect=False, classify=(on_vendor, on_parse))
+    a, b = saga.steps
+    assert (a.validate, a.classify) == (check, (on_vendor,))
+    assert b.classify == (on_vendor, on_parse)
+    assert Saga("s1", classify=on_parse, registry=Registry()).classify == (on_parse,)
+    assert Saga("s2", classify=[on_vendor, on_parse], registry=Registry()).classify == (
+        on_vendor,
+        on_parse,
+    )
+    assert Saga("s3", ladder=Bounds(retries=1), registry=Registry()).ladder == Bounds(retries=1)
+    assert Saga("s4", registry=Registry()).ladder == Bounds()
+
+
+@pytest.mark.parametrize(
+    "bad", ["on_vendor", ("on_vendor",), (on_vendor, 42)], ids=["a-name", "names", "a-number"]
+)
+def test_a_classifier_that_cannot_be_called_fails_at_declaration(bad: Any) -> None:
+    # A classifier is called while the engine handles a failure; one that is not callable
+    # would break the failure handling itself, long after import.
+    saga = new_saga()
+    with pytest.raises(DefinitionError) as info:
+        add(saga, "a", side_effect=False, classify=bad)
+    assert (info.value.saga, info.value.step) == (SAGA, "a")
+    assert "classif" in info.value.rule
+    with pytest.raises(DefinitionError) as info:
+        Saga("other", classify=bad, registry=Registry())
+    assert (info.value.saga, info.value.step) == ("other", None)
+    assert "classif" in info.value.rule
 
 
 @pytest.mark.parametrize(

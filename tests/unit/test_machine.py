@@ -28,7 +28,9 @@ def test_table_is_the_documented_lifecycle() -> None:
         ("wait", S.RUNNING): S.WAITING,
         ("wake", S.WAITING): S.RUNNING,
         ("request_approval", S.RUNNING): S.AWAITING_APPROVAL,
+        ("request_approval", S.COMPENSATING): S.AWAITING_APPROVAL,  # a gated compensation
         ("approve", S.AWAITING_APPROVAL): S.RUNNING,
+        ("approve_rollback", S.AWAITING_APPROVAL): S.COMPENSATING,
         ("deny", S.AWAITING_APPROVAL): S.COMPENSATING,
         ("rollback", S.PENDING): S.COMPENSATING,
         ("rollback", S.RUNNING): S.COMPENSATING,
@@ -37,6 +39,7 @@ def test_table_is_the_documented_lifecycle() -> None:
         ("finish_rollback", S.COMPENSATING): S.COMPENSATED,
         ("escalate", S.RUNNING): S.NEEDS_HUMAN,
         ("escalate", S.WAITING): S.NEEDS_HUMAN,
+        ("escalate", S.AWAITING_APPROVAL): S.NEEDS_HUMAN,  # a denied compensation
         ("escalate", S.COMPENSATING): S.NEEDS_HUMAN,
         ("retry_rollback", S.NEEDS_HUMAN): S.COMPENSATING,
         ("retry_forward", S.NEEDS_HUMAN): S.RUNNING,
@@ -64,7 +67,7 @@ def test_every_other_move_is_illegal(trigger: str, state: SagaState) -> None:
 
 def test_complement_is_exhaustive() -> None:
     assert len(LEGAL) + len(ILLEGAL) == len(TRIGGERS) * len(SagaState)
-    assert len(LEGAL) == 18
+    assert len(LEGAL) == 21
 
 
 @pytest.mark.parametrize("trigger", ["bogus", "to_running", "to_completed", "START"])
@@ -154,7 +157,7 @@ def test_mermaid_has_one_line_per_transition_and_no_others() -> None:
             assert (m[1], m[2]) not in drawn, f"arrow drawn twice: {line!r}"
             drawn[(m[1], m[2])] = m[3]
     assert drawn == _expected_arrows()
-    assert drawn[("awaiting_approval", "compensating")] == "deny | rollback"
+    assert drawn[("awaiting_approval", "compensating")] == "approve_rollback | deny | rollback"
     for src, dst in drawn:
         assert f"  {src} --> {dst}: {drawn[(src, dst)]}" in text.splitlines()
 
