@@ -210,7 +210,11 @@ def evidence(store: Store, ref: str) -> dict[str, Any]:
     st = story(store, ref)
     verdicts = [e for e in st.events if e.kind == "policy.verdict"]
     comp = [r for r in st.runs if r.direction is Direction.COMPENSATE]
-    dispatched = [e.step for e in st.events if e.kind == "compensation.scheduled"]
+    # Dispatched: handed to a worker (claimed), in order; a parked or denied one never was.
+    dispatched = list(dict.fromkeys(
+        r.step for r in sorted(comp, key=lambda r: (r.started_at or r.scheduled_at, r.id))
+        if r.started_at is not None
+    ))
     return {
         "run_id": st.saga.id,
         "saga": st.saga.name,

@@ -64,6 +64,12 @@ class Gate:
             tags=s.tags,
         )
 
+    def after_pivot(self, saga: str, step: str) -> bool:
+        """Whether ``step`` comes after its saga's point of no return."""
+        definition = self.registry.get(saga)
+        pivot = definition.pivot_index
+        return pivot is not None and definition.step_named(step).index > pivot
+
     def needs_approvals(self, saga: str, step: str, direction: Direction) -> bool:
         """False when the verdict cannot depend on approvals (skip reading them)."""
         if not self._asks_approvals:
@@ -99,9 +105,11 @@ class Gate:
                           and a.rule_fingerprint == rule.fingerprint), None)
             if found is None:
                 return GateResult(Decision.REQUIRE_HUMAN, verdict, rule)
-            if found.decided_under and found.decided_under != self.policy.label:
-                notes.append(f"approval {found.id[:8]} granted under {found.decided_under} "
-                             f"re-checked against {self.policy.label}: rule {rule.id} unchanged")
+            older = {found.policy_version, found.decided_under} - {None, self.policy.label}
+            if older:
+                notes.append(f"approval {found.id[:8]} asked or granted under "
+                             f"{', '.join(sorted(v for v in older if v))} re-checked against "
+                             f"{self.policy.label}: rule {rule.id} unchanged")
             last = found
         return GateResult(Decision.ALLOW, verdict, None, last, "; ".join(notes))
 

@@ -156,3 +156,33 @@ def undo_first(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
 @stubborn.compensation
 def undo_second(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
     return _undo(ctx, inp)
+
+
+# -- screened: a read-only look, an undoable write, then a step the policy may ask about ----
+
+screened = Saga("screened")
+
+
+@screened.step(side_effect=False)
+def inspect_account(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
+    return {"account": inp.get("account", "acct-1")}  # reads only: nothing to undo
+
+
+@screened.step(compensate="unstage")
+def stage(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
+    return _forward(ctx, inp)
+
+
+@screened.step(compensate="restore")
+def purge(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
+    return _forward(ctx, inp)
+
+
+@screened.compensation
+def unstage(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
+    return _undo(ctx, inp)
+
+
+@screened.compensation
+def restore(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
+    return _undo(ctx, inp)

@@ -25,7 +25,8 @@ def build_notice(store: Store, n: NotificationRecord) -> Notice:
     """What the page says: the saga, what failed, what is still not undone, what to run."""
     saga = store.get_saga_or_raise(n.saga_id)
     runs = store.step_runs(saga.id)
-    failed = [r for r in runs if r.status in (StepStatus.FAILED, StepStatus.UNKNOWN)]
+    failed = [r for r in runs if r.status in (StepStatus.FAILED, StepStatus.UNKNOWN)
+              or (r.status is StepStatus.SKIPPED and r.error)]  # skipped with a reason: denied
     failed_comp = next((r for r in reversed(failed) if r.direction is Direction.COMPENSATE), None)
     failed_step = next((r for r in reversed(failed) if r.direction is Direction.FORWARD), None)
     events = store.events(saga.id)[-TIMELINE_EVENTS:]
@@ -56,9 +57,14 @@ def build_notice(store: Store, n: NotificationRecord) -> Notice:
         summary = f"resolved: saga {saga.name} {saga.id[:8]}" + (f" ({n.note})" if n.note else "")
         severity = "info"
     elif kind is Kind.PAGE:
-        what = (f"compensation of {failed_comp.step} failed" if failed_comp
-                else f"{failed_step.step} failed after the pivot" if failed_step
-                else "it cannot go on")
+        if failed_comp is not None and failed_comp.status is StepStatus.SKIPPED:
+            what = f"the undo of {failed_comp.step} was denied: undo it by hand"
+        elif failed_comp is not None:
+            what = f"compensation of {failed_comp.step} failed"
+        elif failed_step is not None:
+            what = f"{failed_step.step} failed after the pivot"
+        else:
+            what = "it cannot go on"
         summary = f"saga {saga.name} {saga.id[:8]} needs a human: {what}"
         severity = "critical"
     else:

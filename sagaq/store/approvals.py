@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import sqlalchemy as sa
 
 from sagaq.errors import InputError, UnknownSagaError
@@ -67,7 +65,7 @@ class Approvals(StoreBase):
                message=f"{by}: {note or status} (rule {ap.rule_id}, policy {policy})",
                data={"approval": ap.id, "by": by, "note": note, "rule": ap.rule_id,
                      "policy": policy, "requested_under": ap.policy_version})
-        parked = self._unpark(conn, saga.id, ap)
+        parked = self._unpark(conn, saga.name, ap)
         if parked is None:
             return []
         forward = parked.direction is Direction.FORWARD
@@ -78,7 +76,7 @@ class Approvals(StoreBase):
         saga, _ = self._transition(conn, saga, trigger, tl)
         return self._schedule(conn, saga, parked, tl)[1]  # gated again, now approved
 
-    def _unpark(self, conn: sa.Connection, saga_id: str, ap: ApprovalRecord) -> NewRun | None:
+    def _unpark(self, conn: sa.Connection, saga_name: str, ap: ApprovalRecord) -> NewRun | None:
         """Take back the run that waited for this approval; scheduling it again re-checks."""
         row = conn.execute(
             sa.select(RUNS).where(RUNS.c.id == ap.step_run_id, RUNS.c.status == "scheduled")
@@ -92,22 +90,11 @@ class Approvals(StoreBase):
             step=run.step, step_index=run.step_index, direction=run.direction,
             attempt=run.attempt, task_name=run.task_name,
             idempotency_key=run.idempotency_key, compensate_task=run.compensate_task,
-            level=run.level, tier=run.tier, after_pivot=self._after_pivot(conn, run),
+            level=run.level, tier=run.tier,
+            after_pivot=self.gate is not None and run.direction is Direction.FORWARD
+            and self.gate.after_pivot(saga_name, run.step),
             reason="dispatched after the decision",
         )
-
-    def _after_pivot(self, conn: sa.Connection, run: Any) -> bool:
-        """Whether a non-compensable step already succeeded before this one."""
-        done = conn.execute(
-            sa.select(sa.func.count()).select_from(RUNS).where(
-                RUNS.c.saga_id == run.saga_id,
-                RUNS.c.direction == Direction.FORWARD.value,
-                RUNS.c.status == "succeeded",
-                RUNS.c.compensate_task.is_(None),
-                RUNS.c.step_index < run.step_index,
-            )
-        ).scalar_one()
-        return bool(done)
 
     def expire_approvals(self, batch: int = 100) -> list[Dispatch]:
         """Requests past their deadline are denied by the reconciler: the saga rolls back."""
@@ -122,8 +109,9 @@ class Approvals(StoreBase):
         out: list[Dispatch] = []
         for request in due:
             try:
+                label = self.gate.policy.label if self.gate is not None else "none"
                 out += self.decide(request, approve=False, by="reconciler",
-                                   note="the deadline passed", policy="deadline").dispatches
+                                   note="the deadline passed", policy=label).dispatches
             except InputError:
                 continue  # decided meanwhile, by a human or another reconciler
         return out

@@ -65,6 +65,9 @@ class StoreBase:
         self.channels: Channels = channels or {Kind.PAGE: ("log",), Kind.NOTIFY: ("log",)}
         self.gate = gate  # the policy gate before every dispatch; None: allow everything
         self.approval_deadline = approval_deadline
+        # PostgreSQL: the hot writes are single statements, run in autocommit.
+        self.fast = engine.dialect.name == "postgresql"
+        self.autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     def dispose(self, *, close: bool = True) -> None:
         """Forget pooled connections; ``close=False`` after a fork (the parent owns them)."""
@@ -400,7 +403,25 @@ class StoreBase:
             policy_version=self.gate.policy.label, status="pending", deadline=deadline,
             requested_at=tl.now,
         ).on_conflict_do_nothing()
-        if conn.execute(stmt).rowcount == 1:
+        existing = conn.execute(
+            sa.select(APPROVALS.c.status).where(APPROVALS.c.id == request)
+        ).scalar()
+        if existing == "denied":
+            # Asked again after a denial (an operator's retry): the same request, reopened.
+            conn.execute(
+                sa.update(APPROVALS).where(APPROVALS.c.id == request).values(
+                    status="pending", deadline=deadline, requested_at=tl.now,
+                    step_run_id=run_id, decided_at=None, decided_by=None, decided_under=None,
+                    note=None, policy_version=self.gate.policy.label,
+                )
+            )
+            tl.add("approval.requested", step=new.step, run_id=run_id,
+                   message=f"rule {rule.id}: approval {request[:8]} asked again after its "
+                           f"denial, deadline {deadline.isoformat(timespec='seconds')}",
+                   data={"approval": request, "rule": rule.id, "deadline": deadline.isoformat(),
+                         "direction": new.direction.value, "again": True})
+        # RETURNING, not rowcount: an INSERT's rowcount is -1 on PostgreSQL (psycopg).
+        elif conn.execute(stmt.returning(APPROVALS.c.id)).first() is not None:
             tl.add("approval.requested", step=new.step, run_id=run_id,
                    message=f"rule {rule.id}: approval {request[:8]} requested, deadline "
                            f"{deadline.isoformat(timespec='seconds')}",

@@ -6,6 +6,7 @@ follows (guarded updates, the saga row locked first, outbox rows beside state ch
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -14,8 +15,9 @@ from sqlalchemy.orm import Session
 
 from sagaq.errors import UnknownSagaError
 from sagaq.ladder import Rung, Then
-from sagaq.machine import Direction, SagaState, StepStatus
+from sagaq.machine import Direction, SagaState, StepStatus, next_state
 from sagaq.notify.base import Action, Kind
+from sagaq.store import hotpath
 from sagaq.store.approvals import Approvals
 from sagaq.store.base import Lost, uncompensated_query
 from sagaq.store.models import EVENTS, OUTBOX, RESOURCES, RUNS, SAGAS
@@ -33,6 +35,14 @@ from sagaq.store.resources import Resources
 from sagaq.store.sweeps import Sweeps
 from sagaq.store.timeline import Timeline, saga_record, step_run_record
 from sagaq.store.views import Views
+
+
+class _Row:
+    """A dict dressed as a row, for the record builders."""
+
+    def __init__(self, mapping: dict[str, Any]) -> None:
+        self._mapping = mapping
+
 
 _FINAL_RUN = {StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.UNKNOWN}
 
@@ -89,7 +99,49 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
         self, saga_id: str, run_id: int, *, worker: str, task_id: str | None, lease: float
     ) -> Claim:
         """Mark a scheduled run RUNNING under a lease, and commit, before the action runs."""
+        if self.fast:
+            found = self._retrying(lambda: self._claim_fast(saga_id, run_id, worker, task_id,
+                                                            lease))
+            if found is not None:
+                return found
         return self._retrying(lambda: self._claim(saga_id, run_id, worker, task_id, lease))
+
+    def _claim_fast(
+        self, saga_id: str, run_id: int, worker: str, task_id: str | None, lease: float
+    ) -> Claim | None:
+        now = self.clock()
+        with self.autocommit.connect() as conn:
+            row = conn.execute(hotpath.claim_statement(
+                saga_id, run_id, worker=worker, task_id=task_id, lease=lease, now=now
+            )).first()
+            if row is None:
+                return None  # not claimable: the general path says why
+            m = row._mapping
+            run = step_run_record(_Row({c.name: m[c.name] for c in RUNS.c}))
+            saga = saga_record(_Row({c.name: m[f"saga__{c.name}"] for c in SAGAS.c}))
+            if saga.state is SagaState.PENDING:
+                saga = replace(saga, state=next_state(saga.name, saga.state, "start"))
+            return self._claimed(conn, run, saga)
+
+    def _claimed(self, conn: sa.Connection, run: StepRunRecord, saga: SagaRecord) -> Claim:
+        """What a claimed run needs besides the rows: the result it undoes, earlier errors."""
+        forward_result = None
+        if run.direction is Direction.COMPENSATE:
+            forward_result = conn.execute(
+                sa.select(RUNS.c.result)
+                .where(
+                    RUNS.c.saga_id == saga.id,
+                    RUNS.c.step == run.step,
+                    RUNS.c.direction == Direction.FORWARD.value,
+                    RUNS.c.status.in_([StepStatus.SUCCEEDED.value, StepStatus.UNKNOWN.value]),
+                )
+                .order_by(RUNS.c.id.desc())
+                .limit(1)
+            ).scalar()
+        errors: tuple[str, ...] = ()
+        if run.attempt > 1:
+            errors = tuple(r.error for r in self._round(conn, run) if r.error)
+        return Claim(ClaimStatus.CLAIMED, run, saga, forward_result, errors)
 
     def _claim(
         self, saga_id: str, run_id: int, worker: str, task_id: str | None, lease: float
@@ -126,26 +178,10 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
             saga = saga_record(conn.execute(sa.select(SAGAS).where(SAGAS.c.id == saga_id)).one())
             if saga.state is SagaState.PENDING:
                 saga, _ = self._transition(conn, saga, "start", tl)
-            forward_result = None
-            if run.direction is Direction.COMPENSATE:
-                forward_result = conn.execute(
-                    sa.select(RUNS.c.result)
-                    .where(
-                        RUNS.c.saga_id == saga_id,
-                        RUNS.c.step == run.step,
-                        RUNS.c.direction == Direction.FORWARD.value,
-                        RUNS.c.status.in_([StepStatus.SUCCEEDED.value, StepStatus.UNKNOWN.value]),
-                    )
-                    .order_by(RUNS.c.id.desc())
-                    .limit(1)
-                ).scalar()
-            errors: tuple[str, ...] = ()
-            if run.attempt > 1:
-                errors = tuple(r.error for r in self._round(conn, run) if r.error)
             tl.run_event(run, "claimed", f"attempt {run.attempt}, delivery {run.deliveries}",
                          {"level": run.level, "tier": run.tier})
             tl.flush(conn)
-        return Claim(ClaimStatus.CLAIMED, run, saga, forward_result, errors)
+            return self._claimed(conn, run, saga)
 
     def _not_claimed(
         self, conn: sa.Connection, saga_id: str, run_id: int, now: datetime, tl: Timeline
@@ -241,6 +277,13 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
         message: str = "",
     ) -> Outcome:
         """Record a run's result, the checkpoint, and what comes next, in one transaction."""
+        if (self.fast and next_run is not None and checkpoint is not None
+                and expected is StepStatus.RUNNING and next_run.delay == 0
+                and (self.gate is None or not self.gate.active)):
+            outcome = self._retrying(lambda: self._advance_fast(
+                saga_id, run_id, result, checkpoint, next_run, worker, task_id))
+            if outcome is not None:
+                return outcome
 
         def op(conn: sa.Connection, saga: SagaRecord, tl: Timeline) -> list[Dispatch]:
             if checkpoint is not None:
@@ -266,6 +309,20 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
             return self._transition(conn, saga, "finish", tl, finished=True)[1]
 
         return self._on_saga(saga_id, op, worker, task_id)
+
+    def _advance_fast(
+        self, saga_id: str, run_id: int, result: Any, checkpoint: dict[str, Any], new: NewRun,
+        worker: str | None, task_id: str | None,
+    ) -> Outcome | None:
+        stmt, dispatch = hotpath.advance_statement(
+            saga_id, run_id, result=result, checkpoint=checkpoint, new=new, worker=worker,
+            task_id=task_id, now=self.clock(),
+        )
+        with self.autocommit.connect() as conn:
+            next_id = conn.execute(stmt).scalar()
+        if next_id is None:
+            return None  # a guard failed and nothing was written: the general path decides
+        return Outcome(True, SagaState.RUNNING, [replace(dispatch, args=(saga_id, next_id))])
 
     def fail(
         self,
@@ -345,8 +402,13 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
         """needs_human → run the rest again: the remaining compensations, or the failed step."""
 
         def op(conn: sa.Connection, saga: SagaRecord, tl: Timeline) -> list[Dispatch]:
-            came_from = self._escalated_from(conn, saga_id)
-            trigger = "retry_rollback" if came_from == "compensating" else "retry_forward"
+            rolling_back = self._escalated_from(conn, saga_id) == "compensating" or bool(
+                conn.execute(
+                    sa.select(EVENTS.c.id).where(EVENTS.c.saga_id == saga_id,
+                                                 EVENTS.c.kind == "rollback.plan").limit(1)
+                ).first()
+            )
+            trigger = "retry_rollback" if rolling_back else "retry_forward"
             tl.add("operator.retry", message=f"{by}: {note or 'retry'}",
                    data={"by": by, "note": note})
             resolved = self._notify(conn, saga, Kind.PAGE, Action.RESOLVE, tl,

