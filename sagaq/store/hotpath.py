@@ -1,199 +1,304 @@
-"""The two writes every step makes, as one statement each on PostgreSQL.
+"""The three writes almost every saga makes, as one statement each on PostgreSQL.
 
-A claim and the success of a step in the middle of a saga are most of what sagaq writes.
-On PostgreSQL each is a single statement of data-modifying CTEs run in autocommit: one
-round trip and one commit, with the same guards as the general path (the run must be
-``scheduled`` / ``running``, the saga ``running`` and not waiting). When a guard does not
-hold the statement changes nothing and returns no row; the caller then takes the general
-path, which finds out why and does the right thing. SQLite always takes the general path.
+Enqueueing, claiming a run, and recording a step's success with the next step's dispatch are
+most of what sagaq writes. On PostgreSQL each is one statement of data-modifying CTEs, run
+in autocommit: one round trip, one commit, with the guards of the general path (the run
+``scheduled`` / ``running``, the saga ``running`` and not waiting, the saga row locked
+first). When a guard does not hold the statement writes nothing and returns no row; the
+caller then takes the general path, which finds out why and does the right thing. SQLite
+always takes the general path.
+
+The statements are built once, with bind parameters, and reused: building and hashing a
+large SQLAlchemy construct on every call would cost more than the round trips it saves.
 """
 
 from __future__ import annotations
 
+import functools
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from sagaq.machine import Direction, SagaState, StepStatus, next_state
-from sagaq.store.models import EVENTS, OUTBOX, RUNS, SAGAS
+from sagaq.store.models import EVENTS, OUTBOX, RUNS, SAGAS, Json, UTCDateTime
 from sagaq.store.records import Dispatch, NewRun
 
 _EVENT_COLS = ["saga_id", "at", "kind", "step", "step_run_id", "worker", "task_id", "message",
                "data"]
+_RUN_COLS = ["saga_id", "step", "step_index", "direction", "attempt", "status", "task_name",
+             "compensate_task", "idempotency_key", "message_id", "deliveries", "level", "tier",
+             "scheduled_at"]
+_OUTBOX_COLS = ["saga_id", "step_run_id", "task_name", "args", "message_id", "available_at",
+                "created_at"]
 
 
-def _lit(value: Any, type_: Any = None) -> Any:
-    return sa.literal(value, type_) if type_ is not None else sa.literal(value)
+def _p(name: str, type_: Any = None) -> Any:
+    """A bind parameter, cast to its type: variadic functions cannot infer one."""
+    type_ = type_ if type_ is not None else sa.Text()
+    return sa.cast(sa.bindparam(name, type_=type_), type_)
 
 
-def _t(value: Any, type_: Any = None) -> Any:
-    """A parameter with its type spelled out: variadic functions cannot infer one."""
-    if type_ is None:
-        type_ = sa.Integer() if isinstance(value, int) else (
-            sa.Float() if isinstance(value, float) else sa.Text())
-    return sa.cast(sa.literal(value, type_), type_)
+def _now() -> Any:
+    return sa.bindparam("p_now", type_=UTCDateTime())
 
 
-def claim_statement(
-    saga_id: str, run_id: int, *, worker: str, task_id: str | None, lease: float, now: datetime
-) -> sa.Select[Any]:
-    """Claim a scheduled run, delete its outbox row, start a pending saga, write events."""
-    running = next_state("*", SagaState.PENDING, "start")  # the table decides, not this SQL
+def _run_values(saga_id: Any) -> list[Any]:
+    """The columns of a new scheduled run, from the ``n_*`` parameters."""
+    return [
+        saga_id, _p("n_step"), _p("n_index", sa.Integer()), _p("n_direction"),
+        _p("n_attempt", sa.Integer()), sa.literal(StepStatus.SCHEDULED.value),
+        _p("n_task"), _p("n_compensate"), _p("n_key"), _p("n_message"), sa.literal(0),
+        _p("n_level", sa.Integer()), _p("n_tier"), _now(),
+    ]
+
+
+def _scheduled_event(saga_id: Any, run_id: Any) -> Any:
+    return sa.select(
+        saga_id, _now(), sa.literal("step.scheduled"), _p("n_step"), run_id, _p("p_worker"),
+        _p("p_task_id"), _p("n_reason"),
+        sa.func.jsonb_build_object(
+            sa.literal("attempt"), _p("n_attempt", sa.Integer()), sa.literal("delay"),
+            sa.literal(0.0), sa.literal("level"), _p("n_level", sa.Integer()),
+            sa.literal("tier"), _p("n_tier"),
+        ),
+    )
+
+
+def _new_params(new: NewRun, message_id: str) -> dict[str, Any]:
+    return {
+        "n_step": new.step, "n_index": new.step_index, "n_direction": new.direction.value,
+        "n_attempt": new.attempt, "n_task": new.task_name, "n_compensate": new.compensate_task,
+        "n_key": new.idempotency_key, "n_message": message_id, "n_level": new.level,
+        "n_tier": new.tier, "n_reason": new.reason or f"attempt {new.attempt}",
+    }
+
+
+# -- enqueue ----------------------------------------------------------------------------------
+
+
+@functools.cache
+def _enqueue() -> sa.Select[Any]:
+    saga = (
+        postgresql.insert(SAGAS)
+        .values(
+            id=sa.bindparam("p_saga_id"), name=sa.bindparam("p_name"),
+            version=sa.bindparam("p_version"), state=SagaState.PENDING.value,
+            key=sa.bindparam("p_key"), input=sa.bindparam("p_input", type_=Json),
+            checkpoint=sa.bindparam("p_checkpoint", type_=Json), created_at=_now(),
+            updated_at=_now(), incident=0,
+        )
+        .on_conflict_do_nothing(index_elements=["name", "key"])
+        .returning(SAGAS.c.id)
+        .cte("saga")
+    )
+    run = (
+        sa.insert(RUNS)
+        .from_select(_RUN_COLS, sa.select(*_run_values(saga.c.id)), include_defaults=False)
+        .returning(RUNS.c.id, RUNS.c.saga_id)
+        .cte("run")
+    )
+    outbox = (
+        sa.insert(OUTBOX)
+        .from_select(
+            _OUTBOX_COLS,
+            sa.select(run.c.saga_id, run.c.id, _p("n_task"),
+                      sa.func.jsonb_build_array(run.c.saga_id, run.c.id), _p("n_message"),
+                      _now(), _now()),
+            include_defaults=False,
+        )
+        .cte("outbox")
+    )
+    enqueued = sa.select(
+        saga.c.id, _now(), sa.literal("saga.enqueued"), sa.null(), sa.null(), _p("p_worker"),
+        _p("p_task_id"), _p("p_message"),
+        sa.func.jsonb_build_object(sa.literal("version"), _p("p_version"), sa.literal("key"),
+                                   _p("p_key")),
+    )
+    events = (
+        sa.insert(EVENTS)
+        .from_select(_EVENT_COLS,
+                     sa.union_all(enqueued, _scheduled_event(run.c.saga_id, run.c.id)),
+                     include_defaults=False)
+        .cte("events")
+    )
+    return sa.select(run.c.id).add_cte(outbox).add_cte(events)
+
+
+def enqueue(
+    conn: sa.Connection, *, saga_id: str, name: str, version: str, input: Any,
+    key: str | None, first: NewRun, now: datetime,
+) -> Dispatch | None:
+    """Write a new saga; None when its ``key`` is taken (nothing was written)."""
+    message_id = str(uuid.uuid4())
+    run_id = conn.execute(_enqueue(), {
+        "p_saga_id": saga_id, "p_name": name, "p_version": version, "p_key": key, "p_input": input,
+        "p_checkpoint": {"results": {}, "data": {}}, "p_now": now, "p_worker": None,
+        "p_task_id": None, "p_message": f"{name} enqueued", **_new_params(first, message_id),
+    }).scalar()
+    if run_id is None:
+        return None
+    return Dispatch(first.task_name, (saga_id, run_id), message_id, 0.0)
+
+
+# -- claim --------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _claim() -> sa.Select[Any]:
     claimed = (
         sa.update(RUNS)
         .where(
-            RUNS.c.id == run_id,
-            RUNS.c.saga_id == saga_id,
+            RUNS.c.id == sa.bindparam("p_run_id"),
+            RUNS.c.saga_id == sa.bindparam("p_saga_id"),
             RUNS.c.status == StepStatus.SCHEDULED.value,
             SAGAS.c.id == RUNS.c.saga_id,
             SAGAS.c.state.not_in([SagaState.WAITING.value, SagaState.AWAITING_APPROVAL.value]),
         )
         .values(
             status=StepStatus.RUNNING.value,
-            worker=worker,
-            task_id=task_id,
-            started_at=now,
-            lease_expires_at=now + timedelta(seconds=lease),
+            worker=sa.bindparam("p_worker"),
+            task_id=sa.bindparam("p_task_id"),
+            started_at=_now(),
+            lease_expires_at=sa.bindparam("p_lease_until", type_=UTCDateTime()),
             deliveries=RUNS.c.deliveries + 1,
         )
         .returning(*RUNS.c, *(c.label(f"saga__{c.name}") for c in SAGAS.c))
         .cte("claimed")
     )
-    gone = (
-        sa.delete(OUTBOX)
-        .where(OUTBOX.c.step_run_id.in_(sa.select(claimed.c.id)))
-        .cte("gone")
-    )
+    gone = sa.delete(OUTBOX).where(OUTBOX.c.step_run_id.in_(sa.select(claimed.c.id))).cte("gone")
     started = (
         sa.update(SAGAS)
         .where(
-            SAGAS.c.id == saga_id,
+            SAGAS.c.id == sa.bindparam("p_saga_id"),
             SAGAS.c.state == SagaState.PENDING.value,
             sa.exists(sa.select(claimed.c.id)),
         )
-        .values(state=running.value, updated_at=now)
+        .values(state=sa.bindparam("p_started_state"), updated_at=_now())
         .returning(SAGAS.c.id)
         .cte("started")
     )
-    prefix = sa.case(
+    kind = sa.case(
         (claimed.c.direction == Direction.FORWARD.value, "step.claimed"),
         else_="compensation.claimed",
     )
     claim_event = sa.select(
-        _lit(saga_id), _lit(now, SAGAS.c.updated_at.type), prefix, claimed.c.step, claimed.c.id,
-        _lit(worker), _lit(task_id, sa.String()),
-        sa.func.concat(_t("attempt "), claimed.c.attempt, _t(", delivery "),
+        claimed.c.saga_id, _now(), kind, claimed.c.step, claimed.c.id, _p("p_worker"),
+        _p("p_task_id"),
+        sa.func.concat(sa.literal("attempt "), claimed.c.attempt, sa.literal(", delivery "),
                        claimed.c.deliveries),
-        sa.func.jsonb_build_object(_t("attempt"), claimed.c.attempt, _t("level"),
-                                   claimed.c.level, _t("tier"), claimed.c.tier),
+        sa.func.jsonb_build_object(sa.literal("attempt"), claimed.c.attempt,
+                                   sa.literal("level"), claimed.c.level, sa.literal("tier"),
+                                   claimed.c.tier),
     )
     start_event = sa.select(
-        _lit(saga_id), _lit(now, SAGAS.c.updated_at.type), _lit(f"saga.{running.value}"),
-        sa.null(), sa.null(), _lit(worker), _lit(task_id, sa.String()),
-        _lit(f"pending → {running.value}"),
-        sa.func.jsonb_build_object(_t("from"), _t("pending"), _t("to"), _t(running.value),
-                                   _t("trigger"), _t("start")),
-    ).select_from(started)
+        started.c.id, _now(), _p("p_started_kind"), sa.null(), sa.null(), _p("p_worker"),
+        _p("p_task_id"), _p("p_started_message"),
+        sa.func.jsonb_build_object(sa.literal("from"), sa.literal("pending"), sa.literal("to"),
+                                   _p("p_started_state"), sa.literal("trigger"),
+                                   sa.literal("start")),
+    )
     events = (
         sa.insert(EVENTS)
-        .from_select(_EVENT_COLS, sa.union_all(start_event, claim_event), include_defaults=False)
+        .from_select(_EVENT_COLS, sa.union_all(start_event, claim_event),
+                     include_defaults=False)
         .cte("events")
     )
     return sa.select(claimed).add_cte(gone).add_cte(started).add_cte(events)
 
 
-def advance_statement(
-    saga_id: str,
-    run_id: int,
-    *,
-    result: Any,
-    checkpoint: dict[str, Any],
-    new: NewRun,
-    worker: str | None,
-    task_id: str | None,
-    now: datetime,
-) -> tuple[sa.Select[Any], Dispatch]:
-    """A forward step succeeded and the next one is due: record it all, schedule the next."""
-    message_id = str(uuid.uuid4())
+def claim(
+    conn: sa.Connection, saga_id: str, run_id: int, *, worker: str, task_id: str | None,
+    lease: float, now: datetime,
+) -> Any:
+    """Claim a scheduled run (and start a pending saga); the row, or None if not claimed."""
+    started = next_state("*", SagaState.PENDING, "start")  # the table decides, not this SQL
+    return conn.execute(_claim(), {
+        "p_run_id": run_id, "p_saga_id": saga_id, "p_worker": worker, "p_task_id": task_id,
+        "p_now": now, "p_lease_until": now + timedelta(seconds=lease),
+        "p_started_state": started.value, "p_started_kind": f"saga.{started.value}",
+        "p_started_message": f"pending → {started.value}",
+    }).first()
+
+
+# -- a step succeeded; the next one is dispatched --------------------------------------------
+
+
+@functools.cache
+def _advance() -> sa.Select[Any]:
     # The saga row is locked first, as on the general path; then either everything below
-    # happens or nothing does (a guard failed: the caller takes the general path).
+    # happens or nothing does.
     lock = (
         sa.select(SAGAS.c.id, SAGAS.c.state)
-        .where(SAGAS.c.id == saga_id)
+        .where(SAGAS.c.id == sa.bindparam("p_saga_id"))
         .with_for_update()
         .cte("lock")
     )
     done = (
         sa.update(RUNS)
         .where(
-            RUNS.c.id == run_id,
+            RUNS.c.id == sa.bindparam("p_run_id"),
             RUNS.c.status == StepStatus.RUNNING.value,
             sa.exists(sa.select(lock.c.id).where(lock.c.state == SagaState.RUNNING.value)),
         )
-        .values(status=StepStatus.SUCCEEDED.value, result=result, finished_at=now,
-                lease_expires_at=None)
-        .returning(RUNS.c.id, RUNS.c.step, RUNS.c.attempt)
+        .values(status=StepStatus.SUCCEEDED.value, result=sa.bindparam("p_result", type_=Json),
+                finished_at=_now(), lease_expires_at=None)
+        .returning(RUNS.c.id, RUNS.c.saga_id, RUNS.c.step, RUNS.c.attempt)
         .cte("done")
     )
     saga = (
         sa.update(SAGAS)
-        .where(SAGAS.c.id == saga_id, sa.exists(sa.select(done.c.id)))
-        .values(updated_at=now, checkpoint=checkpoint)
+        .where(SAGAS.c.id == sa.bindparam("p_saga_id"), sa.exists(sa.select(done.c.id)))
+        .values(updated_at=_now(), checkpoint=sa.bindparam("p_checkpoint", type_=Json))
         .returning(SAGAS.c.id)
         .cte("saga")
     )
-    when = RUNS.c.scheduled_at.type
     nxt = (
         sa.insert(RUNS)
-        .from_select(
-            ["saga_id", "step", "step_index", "direction", "attempt", "status", "task_name",
-             "compensate_task", "idempotency_key", "message_id", "deliveries", "level", "tier",
-             "scheduled_at"],
-            sa.select(
-                _lit(saga_id), _lit(new.step), _lit(new.step_index), _lit(new.direction.value),
-                _lit(new.attempt), _lit(StepStatus.SCHEDULED.value), _lit(new.task_name),
-                _lit(new.compensate_task, sa.String()), _lit(new.idempotency_key),
-                _lit(message_id), _lit(0), _lit(new.level), _lit(new.tier, sa.String()),
-                _lit(now, when),
-            ).select_from(done),
-            include_defaults=False,
-        )
-        .returning(RUNS.c.id)
+        .from_select(_RUN_COLS, sa.select(*_run_values(done.c.saga_id)),
+                     include_defaults=False)
+        .returning(RUNS.c.id, RUNS.c.saga_id)
         .cte("nxt")
     )
     outbox = (
         sa.insert(OUTBOX)
         .from_select(
-            ["saga_id", "step_run_id", "task_name", "args", "message_id", "available_at",
-             "created_at"],
-            sa.select(
-                _lit(saga_id), nxt.c.id, _lit(new.task_name),
-                sa.func.jsonb_build_array(_t(saga_id), nxt.c.id), _lit(message_id),
-                _lit(now, when), _lit(now, when),
-            ),
+            _OUTBOX_COLS,
+            sa.select(nxt.c.saga_id, nxt.c.id, _p("n_task"),
+                      sa.func.jsonb_build_array(nxt.c.saga_id, nxt.c.id), _p("n_message"),
+                      _now(), _now()),
             include_defaults=False,
         )
         .cte("outbox")
     )
     succeeded = sa.select(
-        _lit(saga_id), _lit(now, when), _lit("step.succeeded"), done.c.step, done.c.id,
-        _lit(worker, sa.String()), _lit(task_id, sa.String()), _lit(""),
-        sa.func.jsonb_build_object(_t("attempt"), done.c.attempt),
-    )
-    scheduled = sa.select(
-        _lit(saga_id), _lit(now, when), _lit("step.scheduled"), _lit(new.step), nxt.c.id,
-        _lit(worker, sa.String()), _lit(task_id, sa.String()),
-        _lit(new.reason or f"attempt {new.attempt}"),
-        sa.func.jsonb_build_object(_t("attempt"), _t(new.attempt), _t("delay"), _t(0.0),
-                                   _t("level"), _t(new.level), _t("tier"),
-                                   _t(new.tier, sa.Text())),
+        done.c.saga_id, _now(), sa.literal("step.succeeded"), done.c.step, done.c.id,
+        _p("p_worker"), _p("p_task_id"), sa.literal(""),
+        sa.func.jsonb_build_object(sa.literal("attempt"), done.c.attempt),
     )
     events = (
         sa.insert(EVENTS)
-        .from_select(_EVENT_COLS, sa.union_all(succeeded, scheduled), include_defaults=False)
+        .from_select(_EVENT_COLS,
+                     sa.union_all(succeeded, _scheduled_event(nxt.c.saga_id, nxt.c.id)),
+                     include_defaults=False)
         .cte("events")
     )
-    stmt = sa.select(nxt.c.id).add_cte(saga).add_cte(outbox).add_cte(events)
-    return stmt, Dispatch(new.task_name, (saga_id, 0), message_id, 0.0)
+    return sa.select(nxt.c.id).add_cte(saga).add_cte(outbox).add_cte(events)
+
+
+def advance(
+    conn: sa.Connection, saga_id: str, run_id: int, *, result: Any,
+    checkpoint: dict[str, Any], new: NewRun, worker: str | None, task_id: str | None,
+    now: datetime,
+) -> Dispatch | None:
+    """Record a forward step's success and dispatch the next; None if a guard failed."""
+    message_id = str(uuid.uuid4())
+    next_id = conn.execute(_advance(), {
+        "p_saga_id": saga_id, "p_run_id": run_id, "p_result": result, "p_checkpoint": checkpoint,
+        "p_now": now, "p_worker": worker, "p_task_id": task_id, **_new_params(new, message_id),
+    }).scalar()
+    if next_id is None:
+        return None
+    return Dispatch(new.task_name, (saga_id, next_id), message_id, 0.0)

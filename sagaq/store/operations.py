@@ -65,6 +65,17 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
     ) -> tuple[str, bool, list[Dispatch]]:
         """Write the saga, its first step run, its first events and the outbox row."""
         now = self.clock()
+        if (self.fast and session is None and first.delay == 0
+                and (self.gate is None or not self.gate.active)):
+            with self.autocommit.connect() as conn:
+                dispatch = hotpath.enqueue(conn, saga_id=saga_id, name=name, version=version,
+                                           input=input, key=key, first=first, now=now)
+                if dispatch is not None:
+                    return saga_id, True, [dispatch]
+                existing = conn.execute(
+                    sa.select(SAGAS.c.id).where(SAGAS.c.name == name, SAGAS.c.key == key)
+                ).scalar_one()
+                return existing, False, []
         with self._tx(session) as conn:
             stmt = self._insert(conn)(SAGAS).values(
                 id=saga_id,
@@ -111,9 +122,8 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
     ) -> Claim | None:
         now = self.clock()
         with self.autocommit.connect() as conn:
-            row = conn.execute(hotpath.claim_statement(
-                saga_id, run_id, worker=worker, task_id=task_id, lease=lease, now=now
-            )).first()
+            row = hotpath.claim(conn, saga_id, run_id, worker=worker, task_id=task_id,
+                                lease=lease, now=now)
             if row is None:
                 return None  # not claimable: the general path says why
             m = row._mapping
@@ -314,15 +324,13 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
         self, saga_id: str, run_id: int, result: Any, checkpoint: dict[str, Any], new: NewRun,
         worker: str | None, task_id: str | None,
     ) -> Outcome | None:
-        stmt, dispatch = hotpath.advance_statement(
-            saga_id, run_id, result=result, checkpoint=checkpoint, new=new, worker=worker,
-            task_id=task_id, now=self.clock(),
-        )
         with self.autocommit.connect() as conn:
-            next_id = conn.execute(stmt).scalar()
-        if next_id is None:
+            dispatch = hotpath.advance(conn, saga_id, run_id, result=result,
+                                       checkpoint=checkpoint, new=new, worker=worker,
+                                       task_id=task_id, now=self.clock())
+        if dispatch is None:
             return None  # a guard failed and nothing was written: the general path decides
-        return Outcome(True, SagaState.RUNNING, [replace(dispatch, args=(saga_id, next_id))])
+        return Outcome(True, SagaState.RUNNING, [dispatch])
 
     def fail(
         self,

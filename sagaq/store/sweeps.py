@@ -65,6 +65,9 @@ class Sweeps(StoreBase):
                     )
                 ).all()
                 out += [Dispatch(r.task_name, (r.args[0], r.args[1]), r.message_id) for r in due]
+                if due:  # published now: the republish sweep counts its grace from here
+                    conn.execute(sa.update(OUTBOX).where(OUTBOX.c.id.in_([r.id for r in due]))
+                                 .values(republished_at=now))
                 tl.flush(conn)
             return out
 

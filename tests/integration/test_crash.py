@@ -283,6 +283,12 @@ def effects(standin: StandIn, saga_id: str, direction: str = "forward") -> list[
     return [c["step"] for c in calls(standin, saga_id, direction=direction) if not c["replay"]]
 
 
+def timeline(rt: Runtime, saga_id: str) -> str:
+    """The saga's events, one a line: what a failed assertion shows."""
+    return "\n".join(f"{e.kind} {e.step or ''} run={e.step_run_id} by={e.worker}: {e.message}"
+                     for e in rt.store.events(saga_id))
+
+
 def outbox_rows(rt: Runtime, saga_id: str) -> list[Any]:
     with rt.store.engine.connect() as conn:
         return list(conn.execute(sa.select(OUTBOX).where(OUTBOX.c.saga_id == saga_id)))
@@ -312,7 +318,7 @@ def kill_after_effect(crash: Harness, step: str) -> tuple[Runtime, str, list[dic
 
 def test_sigkill_after_the_effect_landed_is_resolved_by_verify_and_recorded_once(crash):
     rt, saga_id, summaries = kill_after_effect(crash, "a")
-    assert state(rt, saga_id) is SagaState.COMPLETED
+    assert state(rt, saga_id) is SagaState.COMPLETED, timeline(rt, saga_id)
     assert total(summaries, "expired") == 1  # one lease expired, sent to a worker once
 
     # The same run, found out by verify: no second attempt, the action ran once.
@@ -343,7 +349,7 @@ def test_sigkill_after_the_effect_landed_is_resolved_by_verify_and_recorded_once
 
 def test_sigkill_without_verify_retries_with_the_same_key_and_the_effect_lands_once(crash):
     rt, saga_id, summaries = kill_after_effect(crash, "b")
-    assert state(rt, saga_id) is SagaState.COMPLETED
+    assert state(rt, saga_id) is SagaState.COMPLETED, timeline(rt, saga_id)
     assert total(summaries, "expired") == 1
 
     first, second = runs(rt, saga_id, "b")
@@ -369,7 +375,7 @@ def test_sigkill_without_verify_retries_with_the_same_key_and_the_effect_lands_o
 
 def test_sigkill_of_an_at_most_once_step_without_verify_is_never_rerun_and_rolls_back(crash):
     rt, saga_id, summaries = kill_after_effect(crash, "c")
-    assert state(rt, saga_id) is SagaState.COMPENSATED
+    assert state(rt, saga_id) is SagaState.COMPENSATED, timeline(rt, saga_id)
     assert total(summaries, "expired") == 1
 
     (c,) = runs(rt, saga_id, "c")  # never a second attempt
@@ -421,7 +427,7 @@ def test_redis_wiped_between_enqueue_and_dispatch_the_reconciler_republishes(cra
         assert crash.standin.ledger.calls == []
         summaries = reconcile_until(rt, "the saga to complete", settled(rt, saga_id))
 
-    assert state(rt, saga_id) is SagaState.COMPLETED
+    assert state(rt, saga_id) is SagaState.COMPLETED, timeline(rt, saga_id)
     assert total(summaries, "republished") >= 1
     done = runs(rt, saga_id)
     assert [(r.step, r.attempt, r.status, r.deliveries) for r in done] == [
@@ -464,7 +470,7 @@ def test_redis_wiped_between_two_steps_the_reconciler_republishes(crash):
         assert effects(crash.standin, saga_id) == ["a"]
         summaries = reconcile_until(rt, "the saga to complete", settled(rt, saga_id))
 
-    assert state(rt, saga_id) is SagaState.COMPLETED
+    assert state(rt, saga_id) is SagaState.COMPLETED, timeline(rt, saga_id)
     assert total(summaries, "republished") >= 1
     (b,) = runs(rt, saga_id, "b")
     assert (b.status, b.deliveries, b.task_id) == (OK, 1, b.message_id)
@@ -506,7 +512,7 @@ def test_crash_between_commit_and_publish_the_reconciler_publishes_the_outbox_ro
 
         summaries = reconcile_until(rt, "the saga to complete", settled(rt, saga_id))
 
-    assert state(rt, saga_id) is SagaState.COMPLETED
+    assert state(rt, saga_id) is SagaState.COMPLETED, timeline(rt, saga_id)
     assert total(summaries, "republished") >= 1
     assert seen_rows, "the reconciler never re-published the first step's message"
     assert seen_rows[0].step_run_id == first.id
@@ -531,7 +537,7 @@ def test_a_step_that_kills_its_worker_every_time_is_parked_after_n_deliveries(cr
     saga_id = rt.engine.enqueue("crash_trio", {"crash": {"b": "kill_self"}})
     summaries = reconcile_until(rt, "the saga to settle", settled(rt, saga_id),
                                 logs=crash.worker_logs)
-    assert state(rt, saga_id) is SagaState.COMPENSATED
+    assert state(rt, saga_id) is SagaState.COMPENSATED, timeline(rt, saga_id)
     # Usually the reconciler finds each lease expired; a redelivery of the requeued message
     # that comes after the lease ran out finds it too (then without a lease_expired event).
     assert 1 <= total(summaries, "expired") <= n
@@ -588,7 +594,7 @@ def test_a_step_that_heartbeats_outlives_its_lease_without_being_expired(crash, 
         summaries = reconcile_until(rt, "the saga to complete", settled(rt, saga_id))
         wait_for("a's first run to return", lambda: (saga_id, "a", 1) in crash_sagas.returned)
 
-    assert state(rt, saga_id) is SagaState.COMPLETED
+    assert state(rt, saga_id) is SagaState.COMPLETED, timeline(rt, saga_id)
     (a,) = runs(rt, saga_id, "a")
     story = [e.kind for e in events_of(rt, saga_id, a.id)]
     assert len(calls(crash.standin, saga_id, "a")) == 1  # the action ran once either way
@@ -633,7 +639,7 @@ def test_warm_shutdown_finishes_the_running_step_and_the_saga_completes(crash):
 
     crash.start_worker("next")  # no reconciler pass: nothing was lost that it would repair
     wait_for("the saga to complete", settled(rt, saga_id), logs=crash.worker_logs)
-    assert state(rt, saga_id) is SagaState.COMPLETED
+    assert state(rt, saga_id) is SagaState.COMPLETED, timeline(rt, saga_id)
     assert [(r.step, r.attempt, r.status, r.deliveries) for r in runs(rt, saga_id)] == [
         ("a", 1, OK, 1), ("b", 1, OK, 1), ("c", 1, OK, 1),
     ]

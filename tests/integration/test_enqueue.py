@@ -102,13 +102,26 @@ def private(private_stores, settings) -> Private:
 
 @contextmanager
 def transactions(engine: sa.Engine) -> Iterator[dict[str, int]]:
+    """Database transactions: a statement in autocommit is one; so is a BEGIN ... COMMIT."""
     seen = {"begin": 0, "commit": 0, "rollback": 0}
 
     def listener(kind: str) -> Any:
-        def on(*_: Any) -> None:
+        def on(conn: sa.Connection, *_: Any) -> None:
+            if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+                if kind == "begin":
+                    return
+                if kind == "rollback":  # closing an autocommit connection: nothing to undo
+                    return
             seen[kind] += 1
 
         return on
+
+    def statement(conn: sa.Connection, *_: Any) -> None:
+        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":  # its own transaction, committed
+            seen["begin"] += 1
+            seen["commit"] += 1
+
+    sa.event.listen(engine, "before_cursor_execute", statement)
 
     listeners = {kind: listener(kind) for kind in seen}
     for kind, fn in listeners.items():
@@ -118,6 +131,7 @@ def transactions(engine: sa.Engine) -> Iterator[dict[str, int]]:
     finally:
         for kind, fn in listeners.items():
             sa.event.remove(engine, kind, fn)
+        sa.event.remove(engine, "before_cursor_execute", statement)
 
 
 # -- what enqueue writes --------------------------------------------------------------------
