@@ -103,12 +103,12 @@ def plain_case(case: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def saga_case(case: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    import sqlalchemy as sa
+
     from sagaq import Runtime, Settings
     from sagaq.notify import LogNotifier
     from sagaq.store.database import upgrade
     from sagaq.store.models import SAGAS
-
-    import sqlalchemy as sa
 
     with scratch(f"sagaq{case.lower()}") as s:
         upgrade(s.url)

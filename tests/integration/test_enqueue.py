@@ -117,7 +117,9 @@ def transactions(engine: sa.Engine) -> Iterator[dict[str, int]]:
         return on
 
     def statement(conn: sa.Connection, *_: Any) -> None:
-        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":  # its own transaction, committed
+        if (
+            conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+        ):  # its own transaction, committed
             seen["begin"] += 1
             seen["commit"] += 1
 
