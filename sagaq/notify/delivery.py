@@ -29,7 +29,9 @@ def build_notice(store: Store, n: NotificationRecord) -> Notice:
               or (r.status is StepStatus.SKIPPED and r.error)]  # skipped with a reason: denied
     failed_comp = next((r for r in reversed(failed) if r.direction is Direction.COMPENSATE), None)
     failed_step = next((r for r in reversed(failed) if r.direction is Direction.FORWARD), None)
-    events = store.events(saga.id)[-TIMELINE_EVENTS:]
+    timeline = store.events(saga.id)
+    rolled_back = any(e.kind == "rollback.plan" for e in timeline)
+    events = timeline[-TIMELINE_EVENTS:]
     details: dict[str, object] = {
         "saga_id": saga.id,
         "saga": saga.name,
@@ -57,14 +59,16 @@ def build_notice(store: Store, n: NotificationRecord) -> Notice:
         summary = f"resolved: saga {saga.name} {saga.id[:8]}" + (f" ({n.note})" if n.note else "")
         severity = "info"
     elif kind is Kind.PAGE:
-        if failed_comp is not None and failed_comp.status is StepStatus.SKIPPED:
+        if n.note:  # said when the page was raised: an orphan that could not be released...
+            what = n.note
+        elif failed_comp is not None and failed_comp.status is StepStatus.SKIPPED:
             what = f"the undo of {failed_comp.step} was denied: undo it by hand"
         elif failed_comp is not None:
             what = f"compensation of {failed_comp.step} failed"
-        elif failed_step is not None:
+        elif rolled_back or failed_step is None:  # a rollback that stopped making progress
+            what = saga.error or "it cannot go on"
+        else:  # a forward failure paged instead of rolled back: it came after the pivot
             what = f"{failed_step.step} failed after the pivot"
-        else:
-            what = "it cannot go on"
         summary = f"saga {saga.name} {saga.id[:8]} needs a human: {what}"
         severity = "critical"
     else:
