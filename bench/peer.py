@@ -26,17 +26,16 @@ QUEUE = "bench"
 def worker(url: str, executor: str) -> None:
     from dbos import DBOS
 
-    DBOS(config={"name": "bench", "system_database_url": url, "executor_id": executor})
-
     @DBOS.step()
     def noop(i: int) -> int:
         return i
 
-    @DBOS.workflow()
+    @DBOS.workflow(name="five")
     def five() -> None:
         for i in range(5):
             noop(i)
 
+    DBOS(config={"name": "bench", "system_database_url": url, "executor_id": executor})
     DBOS.launch()
     DBOS.register_queue(QUEUE, worker_concurrency=1, polling_interval_sec=0.02)
     while True:

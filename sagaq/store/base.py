@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from sagaq.keys import idempotency_key
 from sagaq.machine import Direction, SagaState, StepStatus, next_state
 from sagaq.notify.base import Action, Kind
+from sagaq.store.database import autocommit_engine
 from sagaq.store.models import APPROVALS, NOTIFICATIONS, OUTBOX, RESOURCES, RUNS, SAGAS
 from sagaq.store.records import Dispatch, NewRun, Outcome, SagaRecord
 from sagaq.store.timeline import Timeline, approval_record, saga_record
@@ -65,13 +66,16 @@ class StoreBase:
         self.channels: Channels = channels or {Kind.PAGE: ("log",), Kind.NOTIFY: ("log",)}
         self.gate = gate  # the policy gate before every dispatch; None: allow everything
         self.approval_deadline = approval_deadline
-        # PostgreSQL: the hot writes are single statements, run in autocommit.
+        # PostgreSQL: the hot writes are single statements, run in autocommit on a pool of
+        # their own (switching a pooled connection in and out of autocommit costs round trips).
         self.fast = engine.dialect.name == "postgresql"
-        self.autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.autocommit = autocommit_engine(engine) if self.fast else engine
 
     def dispose(self, *, close: bool = True) -> None:
         """Forget pooled connections; ``close=False`` after a fork (the parent owns them)."""
         self.engine.dispose(close=close)
+        if self.autocommit is not self.engine:
+            self.autocommit.dispose(close=close)
 
     # -- transactions -------------------------------------------------------------------
 

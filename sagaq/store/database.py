@@ -38,6 +38,19 @@ def create_engine(url: str, *, pool_size: int = 2, max_overflow: int = 2) -> sa.
     )
 
 
+def autocommit_engine(engine: sa.Engine) -> sa.Engine:
+    """A second engine on the same database whose connections stay in autocommit."""
+    pool = engine.pool
+    size, overflow = (pool.size(), pool._max_overflow) if isinstance(pool, sa.QueuePool) else (2, 2)
+    return sa.create_engine(
+        engine.url,
+        isolation_level="AUTOCOMMIT",
+        pool_size=size,
+        max_overflow=overflow,
+        connect_args={"connect_timeout": 5},
+    )
+
+
 def _sqlite_engine(url: str) -> sa.Engine:
     engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 

@@ -8,8 +8,9 @@ first). When a guard does not hold the statement writes nothing and returns no r
 caller then takes the general path, which finds out why and does the right thing. SQLite
 always takes the general path.
 
-The statements are built once, with bind parameters, and reused: building and hashing a
-large SQLAlchemy construct on every call would cost more than the round trips it saves.
+The statements are built once with SQLAlchemy, compiled once, and run on the pooled
+psycopg connection itself: building, hashing and binding a large construct on every call
+would cost more than the round trips it saves.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
+from psycopg.types.json import Jsonb
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 
 from sagaq.machine import Direction, SagaState, StepStatus, next_state
 from sagaq.store.models import EVENTS, OUTBOX, RUNS, SAGAS, Json, UTCDateTime
@@ -65,6 +69,32 @@ def _scheduled_event(saga_id: Any, run_id: Any) -> Any:
             sa.literal("tier"), _p("n_tier"),
         ),
     )
+
+
+@functools.cache
+def _compiled(build: Any) -> tuple[str, dict[str, Any]]:
+    """The SQL of a statement, and the values of the literals it carries."""
+    dialect = pg_psycopg.dialect()  # type: ignore[no-untyped-call]
+    compiled = build().compile(dialect=dialect)
+    return str(compiled), dict(compiled.params)
+
+
+def _run(conn: sa.Connection, build: Any, params: dict[str, Any]) -> Any:
+    """Execute on the driver connection; errors come back as SQLAlchemy's, so the store's
+    retry (deadlocks, a dropped connection) and the pool's invalidation work as usual."""
+    sql, defaults = _compiled(build)
+    raw = conn.connection.driver_connection
+    assert isinstance(raw, psycopg.Connection)
+    try:
+        return raw.execute(sql, {**defaults, **params}, prepare=True)
+    except psycopg.Error as exc:
+        dbapi = conn.connection.dbapi_connection
+        gone = conn.dialect.is_disconnect(exc, dbapi, None)  # type: ignore[arg-type]
+        if gone:
+            conn.invalidate(exc)
+        raise sa.exc.DBAPIError.instance(
+            sql, params, exc, psycopg.Error, connection_invalidated=gone, dialect=conn.dialect
+        ) from exc
 
 
 def _new_params(new: NewRun, message_id: str) -> dict[str, Any]:
@@ -133,11 +163,13 @@ def enqueue(
 ) -> Dispatch | None:
     """Write a new saga; None when its ``key`` is taken (nothing was written)."""
     message_id = str(uuid.uuid4())
-    run_id = conn.execute(_enqueue(), {
-        "p_saga_id": saga_id, "p_name": name, "p_version": version, "p_key": key, "p_input": input,
-        "p_checkpoint": {"results": {}, "data": {}}, "p_now": now, "p_worker": None,
-        "p_task_id": None, "p_message": f"{name} enqueued", **_new_params(first, message_id),
-    }).scalar()
+    row = _run(conn, _enqueue, {
+        "p_saga_id": saga_id, "p_name": name, "p_version": version, "p_key": key,
+        "p_input": Jsonb(input), "p_checkpoint": Jsonb({"results": {}, "data": {}}),
+        "p_now": now, "p_worker": None, "p_task_id": None, "p_message": f"{name} enqueued",
+        **_new_params(first, message_id),
+    }).fetchone()
+    run_id = row[0] if row else None
     if run_id is None:
         return None
     return Dispatch(first.task_name, (saga_id, run_id), message_id, 0.0)
@@ -155,7 +187,8 @@ def _claim() -> sa.Select[Any]:
             RUNS.c.saga_id == sa.bindparam("p_saga_id"),
             RUNS.c.status == StepStatus.SCHEDULED.value,
             SAGAS.c.id == RUNS.c.saga_id,
-            SAGAS.c.state.not_in([SagaState.WAITING.value, SagaState.AWAITING_APPROVAL.value]),
+            SAGAS.c.state != SagaState.WAITING.value,
+            SAGAS.c.state != SagaState.AWAITING_APPROVAL.value,
         )
         .values(
             status=StepStatus.RUNNING.value,
@@ -206,7 +239,15 @@ def _claim() -> sa.Select[Any]:
                      include_defaults=False)
         .cte("events")
     )
-    return sa.select(claimed).add_cte(gone).add_cte(started).add_cte(events)
+    # "*": the column list again would push the statement past psycopg's 4 KB cache of
+    # parsed (and prepared) statements; psycopg returns aware datetimes and parsed JSON.
+    return (
+        sa.select(sa.literal_column("*"))
+        .select_from(claimed)
+        .add_cte(gone)
+        .add_cte(started)
+        .add_cte(events)
+    )
 
 
 def claim(
@@ -215,12 +256,16 @@ def claim(
 ) -> Any:
     """Claim a scheduled run (and start a pending saga); the row, or None if not claimed."""
     started = next_state("*", SagaState.PENDING, "start")  # the table decides, not this SQL
-    return conn.execute(_claim(), {
+    cur = _run(conn, _claim, {
         "p_run_id": run_id, "p_saga_id": saga_id, "p_worker": worker, "p_task_id": task_id,
         "p_now": now, "p_lease_until": now + timedelta(seconds=lease),
         "p_started_state": started.value, "p_started_kind": f"saga.{started.value}",
         "p_started_message": f"pending → {started.value}",
-    }).first()
+    })
+    row = cur.fetchone()
+    if row is None:
+        return None
+    return dict(zip((d.name for d in cur.description), row, strict=True))
 
 
 # -- a step succeeded; the next one is dispatched --------------------------------------------
@@ -295,10 +340,11 @@ def advance(
 ) -> Dispatch | None:
     """Record a forward step's success and dispatch the next; None if a guard failed."""
     message_id = str(uuid.uuid4())
-    next_id = conn.execute(_advance(), {
-        "p_saga_id": saga_id, "p_run_id": run_id, "p_result": result, "p_checkpoint": checkpoint,
-        "p_now": now, "p_worker": worker, "p_task_id": task_id, **_new_params(new, message_id),
-    }).scalar()
-    if next_id is None:
+    row = _run(conn, _advance, {
+        "p_saga_id": saga_id, "p_run_id": run_id, "p_result": Jsonb(result),
+        "p_checkpoint": Jsonb(checkpoint), "p_now": now, "p_worker": worker,
+        "p_task_id": task_id, **_new_params(new, message_id),
+    }).fetchone()
+    if row is None or row[0] is None:
         return None
-    return Dispatch(new.task_name, (saga_id, next_id), message_id, 0.0)
+    return Dispatch(new.task_name, (saga_id, row[0]), message_id, 0.0)

@@ -122,11 +122,10 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
     ) -> Claim | None:
         now = self.clock()
         with self.autocommit.connect() as conn:
-            row = hotpath.claim(conn, saga_id, run_id, worker=worker, task_id=task_id,
-                                lease=lease, now=now)
-            if row is None:
+            m = hotpath.claim(conn, saga_id, run_id, worker=worker, task_id=task_id,
+                              lease=lease, now=now)
+            if m is None:
                 return None  # not claimable: the general path says why
-            m = row._mapping
             run = step_run_record(_Row({c.name: m[c.name] for c in RUNS.c}))
             saga = saga_record(_Row({c.name: m[f"saga__{c.name}"] for c in SAGAS.c}))
             if saga.state is SagaState.PENDING:
