@@ -29,7 +29,7 @@ def make_app(broker: str, prefix: str, queue: str) -> Celery:
         worker_prefetch_multiplier=1,
         task_default_queue=queue,
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        task_send_sent_event=False,  # as sagaq: workers report, publishers do not
         broker_connection_retry_on_startup=True,
     )
     return app

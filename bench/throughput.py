@@ -46,6 +46,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pool", choices=["prefork", "threads"], default="prefork")
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--cases", default="ABCDE", help="which cases to run, e.g. AC")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="run the cases this many times, interleaved; report medians")
     p.add_argument("--seed", type=int, default=1, help="shuffles nothing today; recorded")
     p.add_argument("--quick", action="store_true", help="tiny N: checks it runs (CI smoke)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -211,16 +213,20 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     random.seed(args.seed)
     n = 20 if args.quick else args.units
-    cases: dict[str, dict[str, Any]] = {}
-    for case in args.cases.upper():
-        if case in "AB":
-            cases[case] = plain_case(case, n, args)
-        elif case in "CD":
-            cases[case] = saga_case(case, n, args)
-        elif case == "E":
-            cases[case] = dbos_case(n, args)
+    rounds = 1 if args.quick else args.rounds
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in args.cases.upper()}
+    for _ in range(rounds):  # interleaved, so that a slow minute hurts every case alike
+        for case in runs:
+            if case in "AB":
+                runs[case].append(plain_case(case, n, args))
+            elif case in "CD":
+                runs[case].append(saga_case(case, n, args))
+            elif case == "E":
+                runs[case].append(dbos_case(n, args))
+    cases = {case: _median(results) for case, results in runs.items()}
     out: dict[str, Any] = {"pool": args.pool, "concurrency": args.concurrency, "units": n,
-                           "seed": args.seed, "machine": machine(), "cases": cases}
+                           "rounds": rounds, "seed": args.seed, "machine": machine(),
+                           "cases": cases}
     a, b, c = cases.get("A", {}), cases.get("B", {}), cases.get("C", {})
     if c and "units_per_s" in c:
         if "units_per_s" in a:
@@ -234,6 +240,22 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         if "units_per_s" in e:
             out["ratio_c_e"] = round(c["units_per_s"] / e["units_per_s"], 3)
     return out
+
+
+def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each figure over the rounds; the per-round throughputs kept beside."""
+    if any("skipped" in r for r in results):
+        return results[0]
+    med = dict(results[len(results) // 2])
+    for key in ("units_per_s", "steps_per_s", "unloaded_ms", "commits_per_unit",
+                "commits_per_step"):
+        values = [r[key] for r in results if r.get(key) is not None]
+        if values:
+            med[key] = statistics.median(values)
+    med["latency"] = {k: statistics.median(r["latency"][k] for r in results)
+                      for k in results[0]["latency"]}
+    med["rounds_units_per_s"] = [r["units_per_s"] for r in results]
+    return med
 
 
 def render(out: dict[str, Any]) -> str:
@@ -253,8 +275,8 @@ def render(out: dict[str, Any]) -> str:
             "alone ms": r["unloaded_ms"],
             "commits/unit": r["commits_per_unit"],
         })
-    head = (f"{out['units']} units per case, pool {out['pool']}, concurrency "
-            f"{out['concurrency']}, {out['machine']['cpus']} CPUs")
+    head = (f"{out['units']} units per case, median of {out['rounds']} interleaved rounds, pool "
+            f"{out['pool']}, concurrency {out['concurrency']}, {out['machine']['cpus']} CPUs")
     ratios = {k: v for k, v in out.items() if k.startswith(("ratio", "commits_per_step"))}
     return "\n".join([head, "", table(rows, ["case", "units/s", "steps/s", "p50 ms", "p99 ms",
                                               "alone ms", "commits/unit"]), "",
