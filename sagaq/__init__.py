@@ -26,6 +26,7 @@ from sagaq.errors import (
 )
 from sagaq.machine import Direction, SagaState, StepStatus
 from sagaq.runtime import Runtime, configure, default_runtime
+from sagaq.secrets import Secret
 from sagaq.settings import Settings
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ __all__ = [
     "Saga",
     "SagaState",
     "SagaqError",
+    "Secret",
     "Settings",
     "Step",
     "StepContext",

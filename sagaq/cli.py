@@ -348,6 +348,14 @@ def policy_explain(env: Env, saga: str, step: str, environment: str | None, dire
 
 
 @main.command()
+def keygen() -> None:
+    """Print a new key for SAGAQ_SECRET_KEY (seals Secrets in results and checkpoints)."""
+    from sagaq.secrets import new_key
+
+    click.echo(new_key())
+
+
+@main.command()
 def diagram() -> None:
     """Print the saga lifecycle as a Mermaid state diagram."""
     from sagaq.machine import mermaid

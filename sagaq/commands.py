@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from sagaq.errors import InputError, UnknownSagaError
 from sagaq.machine import Direction, SagaState, StepStatus
+from sagaq.secrets import MARK, REDACTED
 from sagaq.store import (
     ApprovalRecord,
     EventRecord,
@@ -96,6 +97,8 @@ class Story:
 
 
 def plain(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {MARK}:
+        return REDACTED  # a sealed secret: not even its ciphertext is printed
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

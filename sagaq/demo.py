@@ -18,6 +18,7 @@ from sagaq.commands import Story, story
 from sagaq.machine import SagaState
 from sagaq.notify.log import LogNotifier
 from sagaq.runtime import Runtime
+from sagaq.secrets import new_key
 from sagaq.settings import Settings
 from sagaq.store.database import upgrade
 
@@ -108,6 +109,7 @@ def demo_settings(workdir: Path) -> Settings:
             "tasks.offboarding",
         ),
         env="production",
+        secret_key=new_key(),  # a throwaway key: the demo's database is thrown away too
         policy_file=str(Path(tasks.__file__).with_name("policy.yaml")),
         queue="sagaq-demo",
         retries=2,

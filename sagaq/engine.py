@@ -27,11 +27,12 @@ from sqlalchemy.orm import Session
 from sagaq import ladder
 from sagaq.context import StepContext
 from sagaq.definition import Registry, Saga, Step, StepKind, sagas
-from sagaq.errors import InputError, LogicalError, TerminalError
+from sagaq.errors import ConfigurationError, InputError, LogicalError, TerminalError
 from sagaq.failures import FailureClass, classify
 from sagaq.keys import idempotency_key
 from sagaq.ladder import Then
 from sagaq.machine import Direction, StepStatus
+from sagaq.secrets import SecretBox, redact, revealed
 from sagaq.settings import Settings
 from sagaq.store import (
     Claim,
@@ -79,6 +80,7 @@ class Engine:
         self.publish = publish
         self.registry = registry
         self.rng = rng or random.Random()
+        self.box = SecretBox(settings.secret_key)  # a malformed key fails here, at start-up
 
     # -- starting -----------------------------------------------------------------------
 
@@ -209,9 +211,10 @@ class Engine:
         except Exception as exc:
             return self._failed(saga, run, step, exc, worker, task_id, ctx=ctx)
         try:
-            result = to_json(value, f"result of {saga.name}.{step.name}")
-            data = to_json(ctx.checkpoint, f"checkpoint after {saga.name}.{step.name}")
-        except InputError as exc:  # it returned, so its effect may have landed
+            result = to_json(self.box.seal(value), f"result of {saga.name}.{step.name}")
+            data = to_json(self.box.seal(ctx.checkpoint),
+                           f"checkpoint after {saga.name}.{step.name}")
+        except (InputError, ConfigurationError) as exc:  # it returned: its effect may be there
             bad = TerminalError(exc.message)
             return self._failed(saga, run, step, bad, worker, task_id,
                                 status=StepStatus.UNKNOWN)
@@ -277,10 +280,13 @@ class Engine:
         checkpoint = None
         if decision.refresh and ctx is not None:
             checkpoint = self._refresh(saga, step, ctx)
+        error = describe(exc)
+        if ctx is not None:  # an error message that quotes a secret is not stored as it is
+            error = redact(error, revealed([ctx.results, ctx.checkpoint, ctx.result]))
         outcome = self.store.fail(
             saga.id,
             run.id,
-            error=describe(exc),
+            error=error,
             error_type=type(exc).__name__,
             failure=failure.value,
             then=decision.then,
@@ -306,7 +312,7 @@ class Engine:
             returned = hook(ctx, saga.input)
             if isinstance(returned, dict):
                 ctx.checkpoint.update(returned)
-            data = to_json(ctx.checkpoint, f"checkpoint refreshed by {saga.name}")
+            data = to_json(self.box.seal(ctx.checkpoint), f"checkpoint refreshed by {saga.name}")
         except Exception:
             log.exception("the refresh hook of %s failed; retrying without it", saga.name)
             return None
@@ -366,7 +372,7 @@ class Engine:
     ) -> str:
         definition = self.registry.get(saga.name)
         following = definition.steps[step.index + 1 :]
-        result = None if landed is True else to_json(landed, "verify result")
+        result = None if landed is True else to_json(self.box.seal(landed), "verify result")
         outcome = self.store.succeed(
             saga.id,
             run.id,
@@ -398,9 +404,9 @@ class Engine:
             idempotency_key=run.idempotency_key,
             attempt=run.attempt,
             input=saga.input,
-            results=MappingProxyType(saga.results),
-            checkpoint=dict(data),
-            result=forward_result,
+            results=MappingProxyType(self.box.open(saga.results)),
+            checkpoint=self.box.open(dict(data)),
+            result=self.box.open(forward_result),
             worker=worker,
             task_id=task_id,
             level=run.level,

@@ -44,6 +44,7 @@ class Settings:
     env: str = "development"  # the policy fact `env`
     policy_file: str = ""  # a YAML policy; empty: every dispatch is allowed
     approval_deadline: float = 86400.0  # an approval request not decided by then is denied
+    secret_key: str = ""  # Fernet key sealing Secrets in results and checkpoints (keygen)
     pool_size: int = 2  # per process: connections ~ concurrency * (pool + overflow)
     max_overflow: int = 2
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sagaq import Saga, StepContext
+from sagaq import Saga, Secret, StepContext
 from tasks.services import services, simulate
 
 provision = Saga("provision_agent")
@@ -37,7 +37,9 @@ def allocate_runtime(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
 def inject_credentials(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
     simulate(ctx, inp)
     runtime = ctx.results["allocate_runtime"]["id"]
-    return services["vault"].call(ctx, "issue", {"runtime": runtime})
+    issued = services["vault"].call(ctx, "issue", {"runtime": runtime})
+    # The token is sealed at rest and shown as *** everywhere; later steps call .reveal().
+    return {"id": issued["id"], "token": Secret(f"tok-{issued['id']}-{ctx.key[:12]}")}
 
 
 @provision.verifier

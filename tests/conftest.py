@@ -23,6 +23,7 @@ from sagaq.worker import embedded_worker
 from tests import services
 
 RUN = f"{os.getpid()}_{secrets.token_hex(3)}"
+TEST_SECRET_KEY = "q6nEJ8tZ0h3hV2b8QyX1c0m9d3s7a2k5f8g1j4l6p0w="  # tests only: a fixed Fernet key
 SETTLED = (SagaState.COMPLETED, SagaState.COMPENSATED, SagaState.NEEDS_HUMAN, SagaState.RESOLVED)
 
 
@@ -92,6 +93,7 @@ def settings(
         retry_base=0.02,
         retry_cap=0.1,
         countdown_max=1.0,  # so that a 2 s backoff is a durable wait in a test
+        secret_key=TEST_SECRET_KEY,
         reconcile_interval=0.5,
         step_timeout=20.0,
         lease_margin=2.0,

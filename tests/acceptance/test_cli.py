@@ -47,6 +47,7 @@ def env_for(settings: Settings) -> dict[str, str]:
         "SAGAQ_STEP_TIMEOUT": "20",
         "SAGAQ_LEASE_MARGIN": "2",
         "SAGAQ_VISIBILITY_TIMEOUT": "120",
+        "SAGAQ_SECRET_KEY": settings.secret_key,
     }
 
 

@@ -7,6 +7,8 @@ state or an event, never for an amount of time.
 
 from __future__ import annotations
 
+import json
+
 import logging
 import threading
 import time
@@ -147,7 +149,12 @@ def test_happy_path_lands_each_effect_once_and_checkpoints_every_result(
     assert sorted(results) == sorted(names)  # JSONB keeps no key order
     assert results == {r.step: r.result for r in runs}
     for name, system, op in steps:
-        assert results[name]["op"] == op and results[name]["id"].startswith(f"{system}-")
+        assert results[name]["id"].startswith(f"{system}-"), name
+        if "token" in results[name]:  # a Secret: sealed at rest, never in clear
+            assert set(results[name]["token"]) == {"$secret"}
+            assert "tok-" not in json.dumps(results[name])
+        else:
+            assert results[name]["op"] == op, name
     # Later steps read earlier results from the checkpoint.
     first, second = names[0], names[1]
     linked = results[second].get("identity", results[second].get("record"))
@@ -537,3 +544,23 @@ def test_the_database_refuses_a_second_active_step_run(make_database, settings):
         ]
     finally:
         store.dispose()
+
+
+def test_a_secret_is_sealed_at_rest_whole_for_later_steps_and_masked_when_shown(
+    runtime, worker, wait_settled
+):
+    """inject_credentials returns a Secret token: sealed in the database, a Secret again
+    when the engine reads it back for a step, and *** in `sagaq show`."""
+    from sagaq.commands import story
+    from sagaq.secrets import Secret
+
+    saga_id = runtime.engine.enqueue("provision_agent", {"agent": "sec-1"})
+    assert wait_settled(saga_id) == [SagaState.COMPLETED]
+    (run,) = runs_of(runtime, saga_id, "inject_credentials", FWD)
+    sealed = run.result["token"]
+    assert set(sealed) == {"$secret"}
+    opened = runtime.engine.box.open(run.result)
+    assert isinstance(opened["token"], Secret)
+    assert opened["token"].reveal().startswith("tok-") and "tok-" not in json.dumps(run.result)
+    shown = json.dumps(story(runtime.store, saga_id).to_json())
+    assert "tok-" not in shown and '"***"' in shown

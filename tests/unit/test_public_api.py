@@ -26,6 +26,7 @@ EXPECTED_ALL = [
     "Saga",
     "SagaState",
     "SagaqError",
+    "Secret",
     "Settings",
     "Step",
     "StepContext",
