@@ -8,7 +8,6 @@ state or an event, never for an amount of time.
 from __future__ import annotations
 
 import json
-
 import logging
 import threading
 import time
