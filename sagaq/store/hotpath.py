@@ -348,3 +348,71 @@ def advance(
     if row is None or row[0] is None:
         return None
     return Dispatch(new.task_name, (saga_id, row[0]), message_id, 0.0)
+
+
+# -- the last step succeeded; the saga is complete --------------------------------------------
+
+
+@functools.cache
+def _finish() -> sa.Select[Any]:
+    lock = (
+        sa.select(SAGAS.c.id, SAGAS.c.state)
+        .where(SAGAS.c.id == sa.bindparam("p_saga_id"))
+        .with_for_update()
+        .cte("lock")
+    )
+    done = (
+        sa.update(RUNS)
+        .where(
+            RUNS.c.id == sa.bindparam("p_run_id"),
+            RUNS.c.status == StepStatus.RUNNING.value,
+            sa.exists(sa.select(lock.c.id).where(lock.c.state == SagaState.RUNNING.value)),
+        )
+        .values(status=StepStatus.SUCCEEDED.value,
+                result=sa.bindparam("p_result", type_=Json), finished_at=_now(),
+                lease_expires_at=None)
+        .returning(RUNS.c.id, RUNS.c.saga_id, RUNS.c.step, RUNS.c.attempt)
+        .cte("done")
+    )
+    saga = (
+        sa.update(SAGAS)
+        .where(SAGAS.c.id == sa.bindparam("p_saga_id"), sa.exists(sa.select(done.c.id)))
+        .values(state=sa.bindparam("p_finished_state"), updated_at=_now(), finished_at=_now(),
+                wake_at=None, checkpoint=sa.bindparam("p_checkpoint", type_=Json))
+        .returning(SAGAS.c.id)
+        .cte("saga")
+    )
+    succeeded = sa.select(
+        done.c.saga_id, _now(), sa.literal("step.succeeded"), done.c.step, done.c.id,
+        _p("p_worker"), _p("p_task_id"), sa.literal(""),
+        sa.func.jsonb_build_object(sa.literal("attempt"), done.c.attempt),
+    )
+    finished = sa.select(
+        saga.c.id, _now(), _p("p_finished_kind"), sa.null(), sa.null(), _p("p_worker"),
+        _p("p_task_id"), _p("p_finished_message"),
+        sa.func.jsonb_build_object(sa.literal("from"), sa.literal("running"),
+                                   sa.literal("to"), _p("p_finished_state"),
+                                   sa.literal("trigger"), sa.literal("finish")),
+    )
+    events = (
+        sa.insert(EVENTS)
+        .from_select(_EVENT_COLS, sa.union_all(succeeded, finished), include_defaults=False)
+        .cte("events")
+    )
+    return sa.select(saga.c.id).add_cte(events)
+
+
+def finish(
+    conn: sa.Connection, saga_id: str, run_id: int, *, result: Any,
+    checkpoint: dict[str, Any], worker: str | None, task_id: str | None, now: datetime,
+) -> bool:
+    """Record the last step's success and complete the saga; False if a guard failed."""
+    done = next_state("*", SagaState.RUNNING, "finish")  # the table decides, not this SQL
+    row = _run(conn, _finish, {
+        "p_saga_id": saga_id, "p_run_id": run_id, "p_result": Jsonb(result),
+        "p_checkpoint": Jsonb(checkpoint), "p_now": now, "p_worker": worker,
+        "p_task_id": task_id, "p_finished_state": done.value,
+        "p_finished_kind": f"saga.{done.value}",
+        "p_finished_message": f"running → {done.value}",
+    }).fetchone()
+    return row is not None

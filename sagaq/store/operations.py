@@ -293,6 +293,12 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
                 saga_id, run_id, result, checkpoint, next_run, worker, task_id))
             if outcome is not None:
                 return outcome
+        if (self.fast and next_run is None and checkpoint is not None
+                and expected is StepStatus.RUNNING):
+            finished = self._retrying(lambda: self._finish_fast(
+                saga_id, run_id, result, checkpoint, worker, task_id))
+            if finished is not None:
+                return finished
 
         def op(conn: sa.Connection, saga: SagaRecord, tl: Timeline) -> list[Dispatch]:
             if checkpoint is not None:
@@ -330,6 +336,18 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
         if dispatch is None:
             return None  # a guard failed and nothing was written: the general path decides
         return Outcome(True, SagaState.RUNNING, [dispatch])
+
+    def _finish_fast(
+        self, saga_id: str, run_id: int, result: Any, checkpoint: dict[str, Any],
+        worker: str | None, task_id: str | None,
+    ) -> Outcome | None:
+        with self.autocommit.connect() as conn:
+            done = hotpath.finish(conn, saga_id, run_id, result=result, checkpoint=checkpoint,
+                                  worker=worker, task_id=task_id, now=self.clock())
+        if not done:
+            return None  # a guard failed and nothing was written: the general path decides
+        state = next_state("*", SagaState.RUNNING, "finish")
+        return Outcome(True, state, [], entered=state)
 
     def fail(
         self,
