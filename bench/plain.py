@@ -7,6 +7,7 @@ settings as sagaq (JSON, acks_late, prefetch 1) on the same Redis and Postgres.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
@@ -41,21 +42,22 @@ app = make_app(
     os.environ.get("BENCH_QUEUE", "bench"),
 )
 
-_conn: psycopg.Connection[Any] | None = None
+# One connection per pool thread (the threads pool runs two tasks at once) and per process.
+_local = threading.local()
 _redis: redis.Redis | None = None
 
 
 @signals.worker_process_init.connect
 def _fresh(**_: Any) -> None:
-    global _conn, _redis
-    _conn, _redis = None, None  # never share the parent's connections after the fork
+    global _local, _redis
+    _local, _redis = threading.local(), None  # never share the parent's connections
 
 
 def _db() -> psycopg.Connection[Any]:
-    global _conn
-    if _conn is None or _conn.closed:
-        _conn = psycopg.connect(os.environ["BENCH_DSN"])
-    return _conn
+    conn: psycopg.Connection[Any] | None = getattr(_local, "conn", None)
+    if conn is None or conn.closed:
+        conn = _local.conn = psycopg.connect(os.environ["BENCH_DSN"])
+    return conn
 
 
 def _done(chain_id: str) -> None:

@@ -79,6 +79,13 @@ def _compiled(build: Any) -> tuple[str, dict[str, Any]]:
     return str(compiled), dict(compiled.params)
 
 
+def usable(conn: sa.Connection) -> bool:
+    """Whether the statements can run on this connection: PostgreSQL through psycopg 3."""
+    return conn.dialect.name == "postgresql" and isinstance(
+        conn.connection.driver_connection, psycopg.Connection
+    )
+
+
 def _run(conn: sa.Connection, build: Any, params: dict[str, Any]) -> Any:
     """Execute on the driver connection; errors come back as SQLAlchemy's, so the store's
     retry (deadlocks, a dropped connection) and the pool's invalidation work as usual."""

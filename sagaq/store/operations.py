@@ -6,6 +6,7 @@ follows (guarded updates, the saga row locked first, outbox rows beside state ch
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -65,17 +66,21 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
     ) -> tuple[str, bool, list[Dispatch]]:
         """Write the saga, its first step run, its first events and the outbox row."""
         now = self.clock()
-        if (self.fast and session is None and first.delay == 0
-                and (self.gate is None or not self.gate.active)):
-            with self.autocommit.connect() as conn:
-                dispatch = hotpath.enqueue(conn, saga_id=saga_id, name=name, version=version,
-                                           input=input, key=key, first=first, now=now)
-                if dispatch is not None:
-                    return saga_id, True, [dispatch]
-                existing = conn.execute(
-                    sa.select(SAGAS.c.id).where(SAGAS.c.name == name, SAGAS.c.key == key)
-                ).scalar_one()
-                return existing, False, []
+        if self.fast and first.delay == 0 and (self.gate is None or not self.gate.active):
+            # One statement: on a pooled autocommit connection, or inside the caller's
+            # transaction when it runs on psycopg (it commits, or not).
+            with (self.autocommit.connect() if session is None
+                  else contextlib.nullcontext(session.connection())) as conn:
+                if hotpath.usable(conn):
+                    dispatch = hotpath.enqueue(conn, saga_id=saga_id, name=name,
+                                               version=version, input=input, key=key,
+                                               first=first, now=now)
+                    if dispatch is not None:
+                        return saga_id, True, [dispatch]
+                    existing = conn.execute(
+                        sa.select(SAGAS.c.id).where(SAGAS.c.name == name, SAGAS.c.key == key)
+                    ).scalar_one()
+                    return existing, False, []
         with self._tx(session) as conn:
             stmt = self._insert(conn)(SAGAS).values(
                 id=saga_id,

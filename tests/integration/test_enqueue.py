@@ -302,6 +302,36 @@ def test_enqueue_in_a_caller_transaction_publishes_only_after_its_commit(
         assert runtime.store.get_saga_or_raise(s).state is SagaState.COMPLETED
 
 
+def test_enqueue_with_a_key_in_a_caller_transaction_shares_it_and_dedups_within_it(
+    runtime, recorded
+):
+    key = f"order:{uuid.uuid4()}"
+    session = Session(runtime.store.engine)
+    try:
+        with session.begin():
+            caller_tx = session.execute(sa.text("SELECT txid_current()::text")).scalar_one()
+            first = runtime.engine.enqueue("quad", {"n": 1}, key=key, session=session)
+            again = runtime.engine.enqueue("quad", {"n": 2}, key=key, session=session)
+            assert again == first  # the key is seen inside the same, uncommitted transaction
+            # The caller's transaction wrote every row of the saga (read before any worker
+            # can touch them: nothing is published before the commit).
+            written = {
+                session.execute(
+                    sa.text(f"SELECT xmin::text FROM {table} WHERE {column} = :id"),
+                    {"id": first},
+                ).scalar_one()
+                for table, column in (("sagaq_sagas", "id"), ("sagaq_step_runs", "saga_id"),
+                                      ("sagaq_outbox", "saga_id"))
+            }
+            assert written == {caller_tx}
+            assert recorded.dispatches == []
+    finally:
+        session.close()
+
+    assert [d.args[0] for d in recorded.dispatches if d.task_name == "sagaq.quad.s1"] == [first]
+    assert runtime.store.get_saga_or_raise(first).input == {"n": 1}
+
+
 def test_enqueue_in_a_savepoint_publishes_only_after_the_outer_commit(
     runtime, worker, wait_settled, recorded
 ):
