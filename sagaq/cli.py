@@ -7,6 +7,7 @@ import getpass
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, TypeVar
@@ -19,7 +20,8 @@ from sagaq.errors import ConfigurationError, SagaqError
 from sagaq.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
-console = Console()
+# Piped or redirected, rich would assume 80 columns: the timelines read better at 120.
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
 
 
 def friendly(fn: F) -> F:

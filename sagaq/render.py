@@ -79,10 +79,15 @@ def story(story: Story) -> RenderableType:
     if story.compensated():
         head.add_row("compensated", " → ".join(story.compensated()))
 
-    runs = Table(title="step runs", title_justify="left", box=box.SIMPLE_HEAD)
-    for col in ("#", "step", "", "try", "status", "worker", "task", "key"):
+    # Narrow terminals squeeze the free-text columns first, never the ids and statuses.
+    runs = Table(title="step runs", title_justify="left", box=box.SIMPLE_HEAD,
+                 padding=(0, 1), pad_edge=False)
+    for col in ("#", "step", "", "try", "status"):
         runs.add_column(col, no_wrap=True)
-    runs.add_column("error", overflow="fold")
+    runs.add_column("worker", no_wrap=True, overflow="ellipsis", max_width=20)
+    for col in ("task", "key"):
+        runs.add_column(col, no_wrap=True)
+    runs.add_column("error", overflow="fold", min_width=16)
     for r in story.runs:
         runs.add_row(
             str(r.id),
@@ -96,10 +101,12 @@ def story(story: Story) -> RenderableType:
             (r.error or "")[:80],
         )
 
-    timeline = Table(title="timeline", title_justify="left", box=box.SIMPLE_HEAD)
-    for col in ("time", "event", "step"):
+    timeline = Table(title="timeline", title_justify="left", box=box.SIMPLE_HEAD,
+                     padding=(0, 1), pad_edge=False)
+    for col in ("time", "event"):
         timeline.add_column(col, no_wrap=True)
-    timeline.add_column("detail", overflow="fold")
+    timeline.add_column("step", overflow="fold", max_width=18)
+    timeline.add_column("detail", overflow="fold", min_width=20)
     for e in story.events:
         timeline.add_row(_time(e.at), _event(e.kind), e.step or "", e.message)
     return Panel(Group(head, runs, timeline), title=f"{s.name} {s.id[:8]}", title_align="left")

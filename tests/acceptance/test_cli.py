@@ -117,6 +117,21 @@ def test_demo_prints_each_timeline() -> None:
     assert "UNEXPECTED" not in out
 
 
+def test_piped_output_is_120_columns_wide_unless_columns_says_otherwise() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    piped = subprocess.run([*SAGAQ, "demo"], capture_output=True, text=True, timeout=120,
+                           cwd=ROOT, env=env)
+    assert piped.returncode == 0, piped.stderr
+    widths = {len(line) for line in piped.stdout.splitlines()}
+    assert max(widths) == 120
+    # The timeline reads on one line per event at that width.
+    assert any("step.claimed" in line and "attempt 1, delivery 1" in line
+               for line in piped.stdout.splitlines())
+    narrow = cli("demo", env={"COLUMNS": "90"})
+    assert narrow.returncode == 0, narrow.stderr
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 90
+
+
 # -- operator commands on the test database --------------------------------------------------
 
 
