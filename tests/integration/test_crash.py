@@ -1,6 +1,7 @@
 """Crash recovery (DESIGN §4.1, §4.3, §4.8, §9): workers SIGKILLed mid-effect, Redis wiped,
 a publish lost after its commit, a step that kills its worker every time, warm shutdown,
-heartbeats, and the start-up check of time limits against the visibility timeout.
+a broker connection cut mid-step, heartbeats, and the start-up check of time limits against
+the visibility timeout.
 
 Every test here runs on a database, a Celery queue and a Redis key prefix of its own, so
 that the session's in-process worker never takes its messages, "FLUSHALL" can mean deleting
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import redis
 import sqlalchemy as sa
@@ -648,6 +650,44 @@ def test_warm_shutdown_finishes_the_running_step_and_the_saga_completes(crash):
     ]
     assert effects(crash.standin, saga_id) == ["a", "b", "c"]
     assert not any(c["replay"] for c in calls(crash.standin, saga_id))
+
+
+def redis_connections(proc: subprocess.Popen[bytes], port: int) -> list[str]:
+    """The local address of every Redis connection of a worker and its pool processes."""
+    root = psutil.Process(proc.pid)
+    found = []
+    for p in (root, *root.children(recursive=True)):
+        for c in p.net_connections(kind="tcp"):
+            if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED:
+                found.append(f"{c.laddr.ip}:{c.laddr.port}")
+    return found
+
+
+def test_a_broker_connection_cut_mid_step_leaves_no_message_unacknowledged(crash):
+    # Redis would redeliver a message left unacknowledged after 8 s: the step must finish,
+    # the saga go on, and nothing stay in the unacked hash for good.
+    crash.configure(visibility_timeout=8.0)
+    rt = crash.runtime()
+    worker = crash.start_worker("cut")
+    saga_id = rt.engine.enqueue("crash_trio", {"crash": {"a": "sleep:2"}})
+    wait_for("a to be under way", lambda: len(calls(crash.standin, saga_id, "a")) == 1,
+             logs=crash.worker_logs)
+    port = int(crash.redis.connection_pool.connection_kwargs.get("port", 6379))
+    cut = redis_connections(worker, port)
+    assert cut, "the worker holds no Redis connection to cut"
+    for addr in cut:  # what a network blip or a Redis failover does to the worker
+        crash.redis.execute_command("CLIENT", "KILL", "ADDR", addr)
+
+    wait_for("the saga to complete", settled(rt, saga_id), timeout=60, logs=crash.worker_logs)
+    assert state(rt, saga_id) is SagaState.COMPLETED, timeline(rt, saga_id)
+    (a,) = runs(rt, saga_id, "a")
+    assert (a.status, a.deliveries) == (OK, 1)  # claimed once: the step was never run twice
+    assert effects(crash.standin, saga_id) == ["a", "b", "c"]
+    assert len(calls(crash.standin, saga_id, "a")) == 1
+    unacked = f"{crash.settings.redis_prefix}unacked"
+    wait_for("no message to stay unacknowledged", lambda: crash.redis.hlen(unacked) == 0,
+             timeout=30, logs=crash.worker_logs)
+    assert crash.procs["cut"].poll() is None  # the worker reconnected and lives on
 
 
 # -- 9. Time limits must stay below the visibility timeout -----------------------------------
