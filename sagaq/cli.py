@@ -104,7 +104,7 @@ def demo(as_json: bool) -> None:
         return
     for scenario, st in results:
         console.rule(f"[bold]{scenario.title}")
-        console.print(render.story(st))
+        console.print(render.story(st, console.width))
     console.rule("[bold]summary")
     for scenario, st in results:
         mark = "ok" if st.saga.state is scenario.expect else "UNEXPECTED"
@@ -200,7 +200,7 @@ def show(env: Env, saga_id: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(st.to_json(), indent=2))
     else:
-        console.print(render.story(st))
+        console.print(render.story(st, console.width))
 
 
 @main.command()

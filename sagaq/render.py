@@ -60,7 +60,8 @@ def saga_table(sagas: list[SagaRecord]) -> Table:
     return table
 
 
-def story(story: Story) -> RenderableType:
+def story(story: Story, width: int | None = None) -> RenderableType:
+    """A saga's whole story; ``width``: the console's, to leave out what will not fit."""
     s = story.saga
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
@@ -82,24 +83,31 @@ def story(story: Story) -> RenderableType:
     # Narrow terminals squeeze the free-text columns first, never the ids and statuses.
     runs = Table(title="step runs", title_justify="left", box=box.SIMPLE_HEAD,
                  padding=(0, 1), pad_edge=False)
-    for col in ("#", "step", "", "try", "status"):
-        runs.add_column(col, no_wrap=True)
-    runs.add_column("worker", no_wrap=True, overflow="ellipsis", max_width=20)
-    for col in ("task", "key"):
-        runs.add_column(col, no_wrap=True)
-    runs.add_column("error", overflow="fold", min_width=16)
+    # Below 110 columns the idempotency key gives way (`--json` has it) and errors move
+    # under the table, so that ids, worker and task id stay whole.
+    wide = width is None or width >= 110
+    columns = ["#", "step", "", "try", "status", "worker", "task", *(["key"] if wide else [])]
+    for col in columns:
+        runs.add_column(col, no_wrap=True, overflow="ellipsis",
+                        max_width=20 if col == "step" else 16 if col == "worker" else None)
+    if wide:
+        runs.add_column("error", overflow="fold", min_width=12)
+    errors = Text()
     for r in story.runs:
-        runs.add_row(
-            str(r.id),
-            r.step,
-            "→" if r.direction is Direction.FORWARD else "↩",
-            str(r.attempt),
-            Text(r.status.value, style=STATUS_STYLE[r.status]),
-            r.worker or "",
-            (r.task_id or "")[:8],
-            r.idempotency_key[:8],
-            (r.error or "")[:80],
-        )
+        cells = {
+            "#": str(r.id),
+            "step": r.step,
+            "": "→" if r.direction is Direction.FORWARD else "↩",
+            "try": str(r.attempt),
+            "status": Text(r.status.value, style=STATUS_STYLE[r.status]),
+            "worker": r.worker or "",
+            "task": (r.task_id or "")[:8],
+            "key": r.idempotency_key[:8],
+        }
+        error = (r.error or "")[:80]
+        runs.add_row(*(cells[c] for c in columns), *([error] if wide else []))
+        if error and not wide:
+            errors.append(f"#{r.id} {r.step}: ", style="bold").append(f"{error}\n", style="red")
 
     timeline = Table(title="timeline", title_justify="left", box=box.SIMPLE_HEAD,
                      padding=(0, 1), pad_edge=False)
@@ -109,7 +117,8 @@ def story(story: Story) -> RenderableType:
     timeline.add_column("detail", overflow="fold", min_width=20)
     for e in story.events:
         timeline.add_row(_time(e.at), _event(e.kind), e.step or "", e.message)
-    return Panel(Group(head, runs, timeline), title=f"{s.name} {s.id[:8]}", title_align="left")
+    parts: list[RenderableType] = [head, runs, *([errors] if errors.plain else []), timeline]
+    return Panel(Group(*parts), title=f"{s.name} {s.id[:8]}", title_align="left")
 
 
 def _event(kind: str) -> Text:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -130,6 +131,13 @@ def test_piped_output_is_120_columns_wide_unless_columns_says_otherwise() -> Non
     narrow = cli("demo", env={"COLUMNS": "90"})
     assert narrow.returncode == 0, narrow.stderr
     assert max(len(line) for line in narrow.stdout.splitlines()) <= 90
+    # Narrow, every step run still shows whole: id, step, status, worker and task id ...
+    run_line = re.compile(
+        r"│\s+\d+\s+inject_credentials\s+→\s+1\s+failed\s+\S+/\d+\s+[0-9a-f]{8}\s"
+    )
+    assert any(run_line.search(line) for line in narrow.stdout.splitlines()), narrow.stdout
+    # ... and the errors move under the table.
+    assert re.search(r"#\d+ inject_credentials: TerminalError: inject_credentials", narrow.stdout)
 
 
 # -- operator commands on the test database --------------------------------------------------
