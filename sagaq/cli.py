@@ -80,7 +80,7 @@ def main(ctx: click.Context, database_url: str | None, broker_url: str | None,
     """Durable sagas on Celery and PostgreSQL.
 
     Settings come from SAGAQ_* environment variables (SAGAQ_DATABASE_URL,
-    SAGAQ_BROKER_URL, SAGAQ_IMPORTS, ...); the options above override them.
+    SAGAQ_BROKER_URL, SAGAQ_IMPORTS, ...); the options below override them.
     Start with `sagaq demo`, which needs no server at all.
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
