@@ -278,28 +278,41 @@ def claim(
 # -- a step succeeded; the next one is dispatched --------------------------------------------
 
 
-@functools.cache
-def _advance() -> sa.Select[Any]:
-    # The saga row is locked first, as on the general path; then either everything below
-    # happens or nothing does.
+def _run_succeeded() -> Any:
+    """The run RUNNING → SUCCEEDED, only while its saga (locked first, as on the general
+    path) is running; returns the ``done`` CTE, empty when a guard does not hold."""
     lock = (
         sa.select(SAGAS.c.id, SAGAS.c.state)
         .where(SAGAS.c.id == sa.bindparam("p_saga_id"))
         .with_for_update()
         .cte("lock")
     )
-    done = (
+    return (
         sa.update(RUNS)
         .where(
             RUNS.c.id == sa.bindparam("p_run_id"),
             RUNS.c.status == StepStatus.RUNNING.value,
             sa.exists(sa.select(lock.c.id).where(lock.c.state == SagaState.RUNNING.value)),
         )
-        .values(status=StepStatus.SUCCEEDED.value, result=sa.bindparam("p_result", type_=Json),
-                finished_at=_now(), lease_expires_at=None)
+        .values(status=StepStatus.SUCCEEDED.value,
+                result=sa.bindparam("p_result", type_=Json), finished_at=_now(),
+                lease_expires_at=None)
         .returning(RUNS.c.id, RUNS.c.saga_id, RUNS.c.step, RUNS.c.attempt)
         .cte("done")
     )
+
+
+def _succeeded_event(done: Any) -> Any:
+    return sa.select(
+        done.c.saga_id, _now(), sa.literal("step.succeeded"), done.c.step, done.c.id,
+        _p("p_worker"), _p("p_task_id"), sa.literal(""),
+        sa.func.jsonb_build_object(sa.literal("attempt"), done.c.attempt),
+    )
+
+
+@functools.cache
+def _advance() -> sa.Select[Any]:
+    done = _run_succeeded()  # then either everything below happens or nothing does
     saga = (
         sa.update(SAGAS)
         .where(SAGAS.c.id == sa.bindparam("p_saga_id"), sa.exists(sa.select(done.c.id)))
@@ -325,16 +338,13 @@ def _advance() -> sa.Select[Any]:
         )
         .cte("outbox")
     )
-    succeeded = sa.select(
-        done.c.saga_id, _now(), sa.literal("step.succeeded"), done.c.step, done.c.id,
-        _p("p_worker"), _p("p_task_id"), sa.literal(""),
-        sa.func.jsonb_build_object(sa.literal("attempt"), done.c.attempt),
-    )
     events = (
         sa.insert(EVENTS)
-        .from_select(_EVENT_COLS,
-                     sa.union_all(succeeded, _scheduled_event(nxt.c.saga_id, nxt.c.id)),
-                     include_defaults=False)
+        .from_select(
+            _EVENT_COLS,
+            sa.union_all(_succeeded_event(done), _scheduled_event(nxt.c.saga_id, nxt.c.id)),
+            include_defaults=False,
+        )
         .cte("events")
     )
     return sa.select(nxt.c.id).add_cte(saga).add_cte(outbox).add_cte(events)
@@ -362,25 +372,7 @@ def advance(
 
 @functools.cache
 def _finish() -> sa.Select[Any]:
-    lock = (
-        sa.select(SAGAS.c.id, SAGAS.c.state)
-        .where(SAGAS.c.id == sa.bindparam("p_saga_id"))
-        .with_for_update()
-        .cte("lock")
-    )
-    done = (
-        sa.update(RUNS)
-        .where(
-            RUNS.c.id == sa.bindparam("p_run_id"),
-            RUNS.c.status == StepStatus.RUNNING.value,
-            sa.exists(sa.select(lock.c.id).where(lock.c.state == SagaState.RUNNING.value)),
-        )
-        .values(status=StepStatus.SUCCEEDED.value,
-                result=sa.bindparam("p_result", type_=Json), finished_at=_now(),
-                lease_expires_at=None)
-        .returning(RUNS.c.id, RUNS.c.saga_id, RUNS.c.step, RUNS.c.attempt)
-        .cte("done")
-    )
+    done = _run_succeeded()
     saga = (
         sa.update(SAGAS)
         .where(SAGAS.c.id == sa.bindparam("p_saga_id"), sa.exists(sa.select(done.c.id)))
@@ -388,11 +380,6 @@ def _finish() -> sa.Select[Any]:
                 wake_at=None, checkpoint=sa.bindparam("p_checkpoint", type_=Json))
         .returning(SAGAS.c.id)
         .cte("saga")
-    )
-    succeeded = sa.select(
-        done.c.saga_id, _now(), sa.literal("step.succeeded"), done.c.step, done.c.id,
-        _p("p_worker"), _p("p_task_id"), sa.literal(""),
-        sa.func.jsonb_build_object(sa.literal("attempt"), done.c.attempt),
     )
     finished = sa.select(
         saga.c.id, _now(), _p("p_finished_kind"), sa.null(), sa.null(), _p("p_worker"),
@@ -403,7 +390,8 @@ def _finish() -> sa.Select[Any]:
     )
     events = (
         sa.insert(EVENTS)
-        .from_select(_EVENT_COLS, sa.union_all(succeeded, finished), include_defaults=False)
+        .from_select(_EVENT_COLS, sa.union_all(_succeeded_event(done), finished),
+                     include_defaults=False)
         .cte("events")
     )
     return sa.select(saga.c.id).add_cte(events)
