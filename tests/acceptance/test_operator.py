@@ -7,51 +7,18 @@ Redis key space; the steps it sets going are run by the session's worker.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from sagaq import Runtime, SagaState, Settings
+from sagaq import Runtime, SagaState
 from sagaq.store import NotificationRecord
+from tests.acceptance.test_cli import cli, env_for
 
-ROOT = Path(__file__).resolve().parents[2]
-SAGAQ = [sys.executable, "-m", "sagaq"]
 BROKEN_UNDO = {"simulate": {"fail": "s3", "fail_compensation": "s1"}}
 UNKNOWN = "0badc0de-0000-4000-8000-000000000000"
-
-
-def cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*SAGAQ, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def env_for(settings: Settings) -> dict[str, str]:
-    return {
-        "SAGAQ_DATABASE_URL": settings.database_url,
-        "SAGAQ_BROKER_URL": settings.broker_url,
-        "SAGAQ_REDIS_PREFIX": settings.redis_prefix,
-        "SAGAQ_QUEUE": settings.queue,
-        "SAGAQ_IMPORTS": ",".join(settings.imports),
-        "SAGAQ_RETRY_BASE": "0.02",
-        "SAGAQ_RETRY_CAP": "0.1",
-        "SAGAQ_STEP_TIMEOUT": "20",
-        "SAGAQ_LEASE_MARGIN": "2",
-        "SAGAQ_VISIBILITY_TIMEOUT": "120",
-        "SAGAQ_SECRET_KEY": settings.secret_key,
-    }
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:

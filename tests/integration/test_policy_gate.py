@@ -30,6 +30,7 @@ from sagaq.notify import LogNotifier
 from sagaq.store import ApprovalRecord, EventRecord, StepRunRecord
 from sagaq.worker import embedded_worker
 from tests.acceptance.test_cli import cli, env_for
+from tests.integration.test_waits import keys_holding
 from tests.sagas import ledger
 
 _databases = itertools.count(1)
@@ -151,28 +152,6 @@ def page_triggers(rt: Runtime, saga_id: str) -> list[Any]:
 def rung_events(rt: Runtime, saga_id: str, step: str) -> list[tuple[int, bool]]:
     return [(e.data["level"], e.data["applicable"]) for e in events(rt, saga_id, "ladder.rung")
             if e.step == step]
-
-
-def keys_holding(client: redis.Redis, prefix: str, needle: str) -> list[str]:
-    """Every key of this key space whose value mentions ``needle`` (a message id)."""
-    found = []
-    for key in client.scan_iter(match=f"{prefix}*"):
-        kind = client.type(key).decode()
-        if kind == "list":
-            values = client.lrange(key, 0, -1)
-        elif kind == "hash":
-            values = client.hvals(key)
-        elif kind == "zset":
-            values = client.zrange(key, 0, -1)
-        elif kind == "set":
-            values = list(client.smembers(key))
-        elif kind == "string":
-            values = [client.get(key) or b""]
-        else:
-            values = []
-        if any(needle.encode() in v for v in values):
-            found.append(key.decode())
-    return found
 
 
 def approval_rows(rt: Runtime, saga_id: str) -> int:
