@@ -257,7 +257,8 @@ class Engine:
             history = (
                 *(ladder.Attempt(r.level, r.tier, FailureClass(r.failure or "transient"))
                   for r in self.store.round_of(run)),
-                ladder.Attempt(run.level, run.tier, failure),
+                ladder.Attempt(run.level, run.tier, failure,
+                               unknown=status is StepStatus.UNKNOWN),
             )
             facts = ladder.StepFacts(
                 direction=run.direction,
@@ -266,6 +267,7 @@ class Engine:
                 refresh=definition.refresh_hook is not None,
                 after_pivot=definition.pivot_index is not None
                 and step.index > definition.pivot_index,
+                at_most_once=step.at_most_once,
             )
             decision = ladder.decide(facts, history, self._bounds(definition, step), self.rng)
         retry = None
@@ -326,9 +328,10 @@ class Engine:
         """A run whose lease expired (its worker died mid-effect): find out, then go on.
 
         ``verify`` decides when the step has one; without it an at-least-once step is retried
-        with the same key, and an ``at_most_once`` step is never re-run blind: it climbs the
-        ladder as a terminal failure. So does a step whose worker keeps dying (a poison
-        message): after ``max_deliveries`` it is parked instead of looping forever.
+        with the same key, and an ``at_most_once`` step is never re-run blind: the ladder
+        pages and the saga waits for a human (nothing is undone blind either). A step whose
+        worker keeps dying (a poison message) is parked after ``max_deliveries`` and climbs
+        the ladder as a terminal failure, instead of looping forever.
         """
         if not self.store.expire(run.saga_id, run.id, worker=worker):
             return "dropped (resolved elsewhere)"

@@ -9,7 +9,9 @@ rung  when                                        what
 3     still failing                               before the pivot: compensate, notify;
                                                   after it: not applicable
 4     a compensation failed past its retries,     page a human; the saga waits in
-      or an after-pivot step spent its budget     ``needs_human``
+      an after-pivot step spent its budget, or    ``needs_human``
+      an ``at_most_once`` step's outcome is
+      unknown (never re-run, never undone blind)
 ====  ==========================================  =========================================
 
 The ladder climbs one rung at a time and never comes down. A rung that does not apply to a
@@ -89,6 +91,7 @@ class StepFacts:
     tiers: tuple[str, ...] = ()  # model tiers in order, small → large; may end in "fallback"
     refresh: bool = False  # the saga has a refresh hook
     after_pivot: bool = False
+    at_most_once: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class Attempt:
     level: int
     tier: str | None
     failure: FailureClass
+    unknown: bool = False  # its worker died mid-effect and nothing verified the outcome
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,15 @@ def decide(
         return Decision(Then.ESCALATE, (Rung(4, True, "page", f"compensation failed ({why})"),), 4)
 
     passed: list[Rung] = []
+    if step.at_most_once and last.unknown:
+        # DESIGN §4.8: never re-executed blind, and its effect may have landed: page.
+        for level in range(last.level + 1, 3):
+            passed.append(Rung(level, False, "not applicable",
+                               "outcome unknown: an at_most_once step is never re-run blind"))
+        passed.append(Rung(3, False, "not applicable",
+                           "its effect may have landed: nothing is undone before a human looks"))
+        passed.append(Rung(4, True, "page", "outcome unknown and the step is at_most_once"))
+        return Decision(Then.ESCALATE, tuple(passed), 4)
     if last.failure is FailureClass.TERMINAL:
         for level in range(last.level + 1, 3):
             passed.append(Rung(level, False, "not applicable", "terminal failure: no retry helps"))

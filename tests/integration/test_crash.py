@@ -375,9 +375,9 @@ def test_sigkill_without_verify_retries_with_the_same_key_and_the_effect_lands_o
     assert saga_kinds(rt, saga_id) == ["saga.enqueued", "saga.running", "saga.completed"]
 
 
-def test_sigkill_of_an_at_most_once_step_without_verify_is_never_rerun_and_rolls_back(crash):
+def test_sigkill_of_an_at_most_once_step_without_verify_is_never_rerun_and_pages(crash):
     rt, saga_id, summaries = kill_after_effect(crash, "c")
-    assert state(rt, saga_id) is SagaState.COMPENSATED, timeline(rt, saga_id)
+    assert state(rt, saga_id) is SagaState.NEEDS_HUMAN, timeline(rt, saga_id)
     assert total(summaries, "expired") == 1
 
     (c,) = runs(rt, saga_id, "c")  # never a second attempt
@@ -387,24 +387,22 @@ def test_sigkill_of_an_at_most_once_step_without_verify_is_never_rerun_and_rolls
         "step.scheduled", "step.claimed", "step.lease_expired", "step.outcome_unknown",
         "step.unknown",
     ]
-    # A terminal failure before the pivot: rungs 1 and 2 do not apply, 3 rolls back.
-    assert rungs(rt, saga_id, c.id) == [(1, False), (2, False), (3, True)]
+    # DESIGN §4.8: never re-executed blind, nor undone blind (its effect may have landed):
+    # rungs 1-3 are passed as not applicable, and rung 4 pages.
+    assert rungs(rt, saga_id, c.id) == [(1, False), (2, False), (3, False), (4, True)]
     assert len(calls(crash.standin, saga_id, "c")) == 1  # the stand-in saw exactly one call
+    assert runs(rt, saga_id, direction=COMP) == []
+    assert calls(crash.standin, saga_id, direction="compensate") == []
+    assert saga_kinds(rt, saga_id) == ["saga.enqueued", "saga.running", "saga.needs_human"]
+    wait_for("the page to go out", lambda: [
+        n.status for n in rt.store.notifications(saga_id) if n.kind == "page"] == ["sent"])
 
-    # Its effect may have landed (it did): c is compensated too, then b and a, last first.
-    undo = runs(rt, saga_id, direction=COMP)
-    assert [(r.step, r.attempt, r.status) for r in undo] == [("c", 1, OK), ("b", 1, OK),
-                                                             ("a", 1, OK)]
-    assert effects(crash.standin, saga_id, "compensate") == ["c", "b", "a"]
-    assert not any(x["replay"] for x in calls(crash.standin, saga_id, direction="compensate"))
-    assert saga_kinds(rt, saga_id) == [
-        "saga.enqueued", "saga.running", "saga.compensating", "saga.compensated",
-    ]
     before = len(rt.store.step_runs(saga_id))
-    for _ in range(3):
+    for _ in range(3):  # the reconciler leaves the human's decision to the human
         rt.reconcile()
     assert len(rt.store.step_runs(saga_id)) == before
     assert len(calls(crash.standin, saga_id, "c")) == 1
+    assert len([n for n in rt.store.notifications(saga_id) if n.kind == "page"]) == 1
 
 
 # -- 2. Redis loses everything ----------------------------------------------------------------

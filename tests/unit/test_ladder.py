@@ -455,6 +455,20 @@ def test_reasons_count_the_budget() -> None:
     ]
 
 
+def test_an_at_most_once_step_whose_outcome_is_unknown_pages_and_is_neither_rerun_nor_undone():
+    blind = StepFacts(FWD, frozenset({0, 1, 2}), ("small", "large"), at_most_once=True)
+    for failure in (T, X):  # a lease that expired, or a verify that raised
+        d = decide(blind, (Attempt(0, None, failure, unknown=True),), Bounds())
+        assert d.then is Then.ESCALATE and d.level == 4
+        assert [(r.level, r.applicable) for r in d.rungs] == [
+            (1, False), (2, False), (3, False), (4, True),  # no rung skipped silently
+        ]
+    # Known failures of the same step climb as usual; unknown outcomes of others retry.
+    assert decide(blind, (Attempt(0, None, T),), Bounds()).then is Then.RETRY
+    assert decide(MODEL, (Attempt(0, None, T, unknown=True),), Bounds()).then is Then.RETRY
+    assert decide(MODEL, (Attempt(0, None, X, unknown=True),), Bounds()).then is Then.ROLLBACK
+
+
 def test_a_first_run_without_a_recorded_tier_is_on_the_first_tier() -> None:
     """The engine records no tier on a step's first run: rung 2 still goes to the 2nd tier."""
     step = StepFacts(FWD, frozenset({0, 1, 2}), ("small", "medium", "large"))
