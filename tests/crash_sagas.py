@@ -15,6 +15,8 @@ What a step does is chosen by the saga input: ``{"crash": {"<step>": "<mode>"}}`
 ``heartbeat:N``        first attempt: the effect lands, then N seconds of work, calling
                        ``ctx.heartbeat()`` every 0.2 s
 ``fail``               a terminal failure before any effect
+
+``{"undo": {"<step>": "hang_after_effect"}}`` does the same to the step's compensation.
 """
 
 from __future__ import annotations
@@ -77,7 +79,10 @@ def _forward(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
 
 
 def _undo(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
-    return effect(ctx, "undo")
+    result = effect(ctx, "undo")
+    if ctx.attempt == 1 and (inp.get("undo") or {}).get(ctx.step) == "hang_after_effect":
+        time.sleep(HANG)  # the undo landed; the test SIGKILLs the worker before it is recorded
+    return result
 
 
 def _read_back(ctx: StepContext, inp: dict[str, Any]) -> bool:

@@ -405,6 +405,60 @@ def test_sigkill_of_an_at_most_once_step_without_verify_is_never_rerun_and_pages
     assert len([n for n in rt.store.notifications(saga_id) if n.kind == "page"]) == 1
 
 
+def test_a_duplicate_delivered_while_the_step_runs_under_a_live_lease_is_dropped(crash):
+    rt = crash.runtime()
+    crash.start_worker("busy")  # two pool processes: the duplicate reaches the idle one
+    saga_id = rt.engine.enqueue("crash_trio", {"crash": {"a": "sleep:2"}})
+    wait_for("a to be under way", lambda: len(calls(crash.standin, saga_id, "a")) == 1,
+             logs=crash.worker_logs)
+    (a,) = runs(rt, saga_id, "a")
+    assert a.status is RUNNING
+    rt.engine.publish_now([Dispatch(a.task_name, (saga_id, a.id), a.message_id)])
+    wait_for("the duplicate to be dropped", lambda: any(
+        e.kind == "step.dropped" and e.step_run_id == a.id for e in rt.store.events(saga_id)),
+        logs=crash.worker_logs)
+
+    wait_for("the saga to complete", settled(rt, saga_id), logs=crash.worker_logs)
+    assert state(rt, saga_id) is SagaState.COMPLETED, timeline(rt, saga_id)
+    (a,) = runs(rt, saga_id, "a")
+    assert (a.status, a.attempt, a.deliveries) == (OK, 1, 1)  # claimed once, never expired
+    (dropped,) = [e for e in rt.store.events(saga_id) if e.kind == "step.dropped"]
+    assert "live lease" in dropped.message
+    assert len(calls(crash.standin, saga_id, "a")) == 1
+    assert effects(crash.standin, saga_id) == ["a", "b", "c"]
+
+
+def test_a_worker_killed_mid_compensation_the_rollback_resumes_and_each_undo_lands_once(crash):
+    rt = crash.runtime()
+    crash.start_worker("victim")
+    saga_id = rt.engine.enqueue(
+        "crash_trio", {"crash": {"c": "fail"}, "undo": {"b": "hang_after_effect"}}
+    )
+    wait_for("b's undo to land", lambda: effects(crash.standin, saga_id, "compensate") == ["b"],
+             logs=crash.worker_logs)
+    crash.kill("victim")  # after the undo landed, before the commit that would record it
+    crash.start_worker("rescuer")
+    summaries = reconcile_until(rt, "the saga to settle", settled(rt, saga_id),
+                                logs=crash.worker_logs)
+    assert state(rt, saga_id) is SagaState.COMPENSATED, timeline(rt, saga_id)
+    assert total(summaries, "expired") == 1
+
+    # The rollback went on from where it stopped: b's undo again with the same key (a
+    # replay at the stand-in, not a second effect), then a's; the plan was made once.
+    undo = runs(rt, saga_id, direction=COMP)
+    assert [(r.step, r.attempt, r.status) for r in undo] == [
+        ("b", 1, UNKNOWN), ("b", 2, OK), ("a", 1, OK),
+    ]
+    assert undo[0].idempotency_key == undo[1].idempotency_key
+    assert effects(crash.standin, saga_id, "compensate") == ["b", "a"]
+    assert [c["replay"] for c in calls(crash.standin, saga_id, "b", direction="compensate")] \
+        == [False, True]
+    assert [e.kind for e in rt.store.events(saga_id)].count("rollback.plan") == 1
+    assert saga_kinds(rt, saga_id) == [
+        "saga.enqueued", "saga.running", "saga.compensating", "saga.compensated",
+    ]
+
+
 # -- 2. Redis loses everything ----------------------------------------------------------------
 
 
