@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sagaq.errors import ConfigurationError
@@ -104,7 +104,7 @@ def revealed(value: Any) -> list[str]:
     """The clear values of the Secrets in ``value``."""
     if isinstance(value, Secret):
         return [value.reveal()]
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):  # a step sees its results read-only (a mapping proxy)
         return [s for v in value.values() for s in revealed(v)]
     if isinstance(value, list | tuple):
         return [s for v in value for s in revealed(v)]

@@ -7,7 +7,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from sagaq import EnvironmentalError, Saga, StepContext, TransientError
+from sagaq import EnvironmentalError, Saga, Secret, StepContext, TerminalError, TransientError
 from sagaq.ladder import Bounds
 from tasks.services import StandIn, simulate
 
@@ -186,3 +186,19 @@ def unstage(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
 @screened.compensation
 def restore(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
     return _undo(ctx, inp)
+
+
+# -- leaky: a step whose error quotes a secret an earlier step returned -------------------
+
+leaky = Saga("leaky_secret")
+
+
+@leaky.step(compensate=_undo)
+def issue_token(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
+    return {"token": Secret(f"tok-{ctx.saga_id[:8]}-s3cr3t-value")}
+
+
+@leaky.step(no_rollback="fails before any effect")
+def use_token(ctx: StepContext, inp: dict[str, Any]) -> None:
+    token = ctx.results["issue_token"]["token"].reveal()
+    raise TerminalError(f"401 Unauthorized for Authorization: Bearer {token}")

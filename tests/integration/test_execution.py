@@ -563,3 +563,22 @@ def test_a_secret_is_sealed_at_rest_whole_for_later_steps_and_masked_when_shown(
     assert opened["token"].reveal().startswith("tok-") and "tok-" not in json.dumps(run.result)
     shown = json.dumps(story(runtime.store, saga_id).to_json())
     assert "tok-" not in shown and '"***"' in shown
+
+
+def test_a_secret_quoted_in_a_step_error_is_stored_logged_and_paged_redacted(
+    runtime, worker, wait_settled, caplog
+):
+    caplog.set_level(logging.DEBUG)
+    saga_id = runtime.engine.enqueue("leaky_secret", {})
+    assert wait_settled(saga_id) == [SagaState.COMPENSATED]
+    clear = f"tok-{saga_id[:8]}-s3cr3t-value"
+    (failed,) = [r for r in runtime.store.step_runs(saga_id) if r.step == "use_token"]
+    assert failed.error is not None and "401 Unauthorized" in failed.error  # the rest stays
+    everything = json.dumps([
+        [r.error for r in runtime.store.step_runs(saga_id)],
+        [(e.message, e.data) for e in runtime.store.events(saga_id)],
+        [(n.subject, n.note, n.last_error) for n in runtime.store.notifications(saga_id)],
+        runtime.store.get_saga_or_raise(saga_id).error,
+    ], default=str)
+    assert clear not in everything
+    assert not [r for r in caplog.records if clear in r.getMessage()]

@@ -59,3 +59,12 @@ def test_redaction_of_messages_and_of_what_is_shown() -> None:
     assert redact("id 12", ["12"]) == "id 12"  # too short to be a secret worth hiding
     sealed = SecretBox(KEY).seal({"token": Secret("tok-abc123"), "n": 1})
     assert masked(sealed) == {"token": REDACTED, "n": 1}
+
+
+def test_revealed_finds_secrets_inside_read_only_mappings() -> None:
+    from types import MappingProxyType
+
+    results = MappingProxyType(
+        {"issue": {"token": Secret("tok-123456")}, "n": [Secret("pw-98765")]}
+    )
+    assert sorted(revealed([results, None])) == ["pw-98765", "tok-123456"]
