@@ -255,6 +255,29 @@ def reconcile(env: Env, once: bool) -> None:
     click.echo(json.dumps(env.runtime().reconcile().summary()))
 
 
+@main.command()
+@click.option("--limit", default=100, show_default=True, help="List at most this many.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_env
+@friendly
+def doctor(env: Env, limit: int, as_json: bool) -> None:
+    """List the sagas that have no way forward, with the reason; exit 1 if there are any.
+
+    Every saga that is not finished should have one of: a step running, a message about to
+    be published, a wake time, an approval request sent, or a page sent. The reconciler
+    repairs what it can (`sagaq reconcile`); what stays listed needs a human.
+    """
+    found = commands.doctor(env.store(), limit=limit)
+    if as_json:
+        click.echo(json.dumps([commands.plain(asdict(s)) for s in found], indent=2))
+    elif found:
+        console.print(render.stranded_table(found))
+    else:
+        click.echo("every saga that is not finished has a way forward")
+    if found:
+        sys.exit(1)
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("-l", "--loglevel", default="INFO", show_default=True)
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)

@@ -22,6 +22,7 @@ from sagaq.store import (
     SagaRecord,
     StepRunRecord,
     Store,
+    Stranded,
 )
 
 if TYPE_CHECKING:
@@ -252,6 +253,11 @@ def evidence(store: Store, ref: str) -> dict[str, Any]:
         "started_at": st.saga.created_at.isoformat(),
         "finished_at": st.saga.finished_at.isoformat() if st.saga.finished_at else None,
     }
+
+
+def doctor(store: Store, *, limit: int = 100) -> list[Stranded]:
+    """The sagas without a way forward (DESIGN §4.13), each with the reason."""
+    return store.stranded(limit)
 
 
 def explain(runtime: Runtime, saga: str, step: str, *, env: str | None = None,

@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from types import MappingProxyType
 from typing import Any
@@ -28,7 +30,7 @@ from sagaq import ladder
 from sagaq.context import StepContext
 from sagaq.definition import Registry, Saga, Step, StepKind, sagas
 from sagaq.errors import ConfigurationError, InputError, LogicalError, TerminalError
-from sagaq.failures import FailureClass, classify
+from sagaq.failures import FailureClass, classify, in_doubt
 from sagaq.keys import idempotency_key
 from sagaq.ladder import Then
 from sagaq.machine import Direction, StepStatus
@@ -44,6 +46,7 @@ from sagaq.store import (
     StepRunRecord,
     Store,
 )
+from sagaq.store.faults import Phase, Write
 
 log = logging.getLogger("sagaq.engine")
 
@@ -52,16 +55,36 @@ Publish = Callable[[Sequence[Dispatch]], None]
 _SESSION_KEY = "sagaq.dispatches"
 
 
+LEASE_MAX = 60.0
+"""A lease longer than this is kept alive by heartbeats instead, so that a dead worker is
+found out within a minute or so, whatever the step's timeout."""
+
+
 def to_json(value: Any, what: str) -> Any:
     """``value`` as JSON will give it back (tuples become lists), or an :class:`InputError`."""
     try:
-        return json.loads(json.dumps(value, allow_nan=False))
+        text = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InputError(f"{what} is not JSON-serialisable: {exc}") from None
+    value = json.loads(text)
+    if _has_nul(value):  # PostgreSQL's jsonb refuses U+0000 in any text
+        raise InputError(f"{what} contains the character U+0000, which PostgreSQL cannot store")
+    return value
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def describe(exc: BaseException, limit: int = 2000) -> str:
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    text = text.replace("\x00", "\\x00")  # PostgreSQL text cannot hold U+0000
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -101,8 +124,10 @@ class Engine:
         definition = self.registry.get(saga) if isinstance(saga, str) else saga
         steps = definition.steps
         payload = to_json({} if input is None else input, f"input of saga {definition.name!r}")
-        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 255):
-            raise InputError("key must be a non-empty string of at most 255 characters")
+        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 255
+                                or "\x00" in key):
+            raise InputError("key must be a non-empty string of at most 255 characters, "
+                             "without U+0000")
         saga_id = str(uuid.uuid4())
         first = self._new_run(saga_id, steps[0], Direction.FORWARD, 1, reason="first step")
         saga_id, _created, dispatches = self.store.create_saga(
@@ -115,7 +140,7 @@ class Engine:
             session=session,
         )
         if session is None:
-            self._publish(dispatches)
+            self._publish(dispatches, Write.ENQUEUE)
         else:
             self._publish_after_commit(session, dispatches)
         return saga_id
@@ -157,8 +182,17 @@ class Engine:
 
     # -- running ------------------------------------------------------------------------
 
+    def timeout_for(self, step: Step) -> float:
+        return step.timeout or self.settings.step_timeout
+
     def lease_for(self, step: Step) -> float:
-        return (step.timeout or self.settings.step_timeout) + self.settings.lease_margin
+        """The lease a claim takes; a step that runs longer keeps it alive by heartbeats."""
+        return min(self.timeout_for(step), LEASE_MAX) + self.settings.lease_margin
+
+    def hard_limit(self, step: Step) -> float:
+        """Seconds from its start after which an attempt's outcome is unknown, heartbeats
+        or not (the pools without time limits, threads and solo, enforce nothing)."""
+        return self.timeout_for(step) + self.settings.lease_margin
 
     def execute(
         self,
@@ -179,7 +213,7 @@ class Engine:
             return "missing"
         assert claim.run is not None
         if claim.status is ClaimStatus.EXPIRED:
-            return self._resolve_unknown(claim.run, worker, task_id)
+            return self._resolve_unknown(claim.run, step, worker, task_id)
         if claim.status is not ClaimStatus.CLAIMED:
             return f"dropped ({claim.status.value})"
         return self._run(claim, worker, task_id)
@@ -202,21 +236,25 @@ class Engine:
             fn = step.fallback
         else:
             fn = step.action
+        value: Any = None
         try:
             if fn is None:
                 raise InputError(f"step {step.name!r} no longer has a compensation")
-            value = fn(ctx, saga.input)
+            with self._heartbeats(saga.id, run, step, worker):
+                value = fn(ctx, saga.input)
             if forward and step.validate is not None and step.validate(ctx, value) is False:
                 raise LogicalError(f"validate rejected the result of {step.name}")
         except Exception as exc:
-            return self._failed(saga, run, step, exc, worker, task_id, ctx=ctx)
+            if forward and in_doubt(exc):  # the request may have landed: verify decides
+                return self._in_doubt(saga, run, step, exc, ctx, worker, task_id)
+            return self._failed(saga, run, step, exc, worker, task_id, ctx=ctx, also=value)
         try:
             result = to_json(self.box.seal(value), f"result of {saga.name}.{step.name}")
             data = to_json(self.box.seal(ctx.checkpoint),
                            f"checkpoint after {saga.name}.{step.name}")
         except (InputError, ConfigurationError) as exc:  # it returned: its effect may be there
             bad = TerminalError(exc.message)
-            return self._failed(saga, run, step, bad, worker, task_id,
+            return self._failed(saga, run, step, bad, worker, task_id, ctx=ctx, also=value,
                                 status=StepStatus.UNKNOWN)
         checkpoint = None
         next_run = None
@@ -226,11 +264,41 @@ class Engine:
             if following:
                 next_run = self._new_run(saga.id, following[0], Direction.FORWARD, 1)
         outcome = self.store.succeed(
-            saga.id, run.id, result=result, checkpoint=checkpoint, next_run=next_run,
-            worker=worker, task_id=task_id,
+            saga.id, run.id, token=run.deliveries, result=result, checkpoint=checkpoint,
+            next_run=next_run, worker=worker, task_id=task_id,
         )
-        self._after(saga, outcome)
+        self._after(saga, outcome, Write.SUCCEED)
         return "succeeded" if outcome.won else f"lost ({outcome.note})"
+
+    @contextmanager
+    def _heartbeats(self, saga_id: str, run: StepRunRecord, step: Step,
+                    worker: str) -> Iterator[None]:
+        """Keep the lease alive while the step really runs (up to its hard limit).
+
+        Pools without time limits (threads, solo) would otherwise let a slow step's lease
+        lapse and the step start again beside it. A SIGSTOPped or dead worker beats no more.
+        """
+        lease = self.lease_for(step)
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(max(lease / 3, 0.5)):
+                try:
+                    alive = self.store.extend_lease(
+                        saga_id, run.id, worker=worker, token=run.deliveries, lease=lease,
+                        hard_limit=self.hard_limit(step))
+                except Exception:  # the database is away: the lease may lapse, that is all
+                    log.warning("heartbeat of run %s failed", run.id, exc_info=True)
+                    continue
+                if not alive:
+                    return  # taken over, or past its hard limit: the outcome is unknown
+
+        thread = threading.Thread(target=beat, name=f"sagaq-heartbeat-{run.id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
 
     def _failed(
         self,
@@ -242,11 +310,16 @@ class Engine:
         task_id: str | None,
         *,
         ctx: StepContext | None = None,
+        also: Any = None,
         force: Then | None = None,
         expected: StepStatus = StepStatus.RUNNING,
         status: StepStatus = StepStatus.FAILED,
     ) -> str:
-        """Classify, let the ladder decide, record it all in one transaction, publish."""
+        """Classify, let the ladder decide, record it all in one transaction, publish.
+
+        ``also``: a value the step returned before it failed (a validate that rejected it):
+        its secrets are redacted from the error too.
+        """
         if step is None or force is Then.ESCALATE:
             failure = FailureClass.TERMINAL
             rung = ladder.Rung(4, True, "page", f"cannot go on: {describe(exc)}")
@@ -282,12 +355,11 @@ class Engine:
         checkpoint = None
         if decision.refresh and ctx is not None:
             checkpoint = self._refresh(saga, step, ctx)
-        error = describe(exc)
-        if ctx is not None:  # an error message that quotes a secret is not stored as it is
-            error = redact(error, revealed([ctx.results, ctx.checkpoint, ctx.result]))
+        error = self._redacted(describe(exc), ctx, also)
         outcome = self.store.fail(
             saga.id,
             run.id,
+            token=run.deliveries,
             error=error,
             error_type=type(exc).__name__,
             failure=failure.value,
@@ -300,8 +372,14 @@ class Engine:
             expected=expected,
             status=status,
         )
-        self._after(saga, outcome)
+        self._after(saga, outcome, Write.FAIL)
         return f"failed ({decision.then.value})" if outcome.won else f"lost ({outcome.note})"
+
+    def _redacted(self, text: str, ctx: StepContext | None, also: Any = None) -> str:
+        """``text`` with every secret the step could see, or returned, taken out."""
+        if ctx is None:
+            return text
+        return redact(text, revealed([ctx.results, ctx.checkpoint, ctx.result, also]))
 
     def _refresh(
         self, saga: SagaRecord, step: Step | None, ctx: StepContext
@@ -315,8 +393,9 @@ class Engine:
             if isinstance(returned, dict):
                 ctx.checkpoint.update(returned)
             data = to_json(self.box.seal(ctx.checkpoint), f"checkpoint refreshed by {saga.name}")
-        except Exception:
-            log.exception("the refresh hook of %s failed; retrying without it", saga.name)
+        except Exception as exc:  # logged redacted: its message may quote a secret
+            log.error("the refresh hook of %s failed; retrying without it: %s", saga.name,
+                      self._redacted(describe(exc), ctx))
             return None
         return {"results": saga.results, "data": data}
 
@@ -324,16 +403,21 @@ class Engine:
         retryable = step.kind is StepKind.RETRYABLE
         return step.ladder.over(definition.ladder, self.settings.bounds(retryable=retryable))
 
-    def _resolve_unknown(self, run: StepRunRecord, worker: str, task_id: str | None) -> str:
+    def _resolve_unknown(
+        self, lapsed: StepRunRecord, step: Step, worker: str, task_id: str | None
+    ) -> str:
         """A run whose lease expired (its worker died mid-effect): find out, then go on.
 
-        ``verify`` decides when the step has one; without it an at-least-once step is retried
-        with the same key, and an ``at_most_once`` step is never re-run blind: the ladder
-        pages and the saga waits for a human (nothing is undone blind either). A step whose
-        worker keeps dying (a poison message) is parked after ``max_deliveries`` and climbs
-        the ladder as a terminal failure, instead of looping forever.
+        This resolver takes the run over first (a lease and a delivery of its own; the run
+        keeps its message, so a resolver that dies too leaves it for the next). ``verify``
+        decides when the step has one; without it an at-least-once step is retried with the
+        same key, and an ``at_most_once`` step is never re-run blind: the ladder pages and the
+        saga waits for a human. A step whose worker keeps dying (a poison message) is parked
+        after ``max_deliveries`` and climbs the ladder as a terminal failure.
         """
-        if not self.store.expire(run.saga_id, run.id, worker=worker):
+        run = self.store.expire(lapsed.saga_id, lapsed.id, worker=worker,
+                                lease=self.lease_for(step))
+        if run is None:
             return "dropped (resolved elsewhere)"
         saga = self.store.get_saga_or_raise(run.saga_id)
         u = StepStatus.UNKNOWN  # the effect may have landed: the run stays unknown
@@ -342,6 +426,7 @@ class Engine:
         except Exception as exc:
             return self._failed(saga, run, None, exc, worker, task_id, force=Then.ESCALATE,
                                 expected=u, status=u)
+        ctx = self._context(saga, run, None, worker, task_id)
         # Every earlier run of this round that ended unknown was a delivery whose worker
         # never finished (killed, out of memory): a poison message is parked, not looped.
         died = 1 + sum(r.status is u for r in self.store.round_of(run))
@@ -350,35 +435,91 @@ class Engine:
                 f"parked after {died} deliveries whose worker never finished this step "
                 "(killed? out of memory?)"
             )
-            return self._failed(saga, run, step, parked, worker, task_id, expected=u, status=u)
+            return self._failed(saga, run, step, parked, worker, task_id, ctx=ctx,
+                                expected=u, status=u)
         forward = run.direction is Direction.FORWARD
         if forward and step.verify is not None:
-            ctx = self._context(saga, run, None, worker, task_id)
-            try:
-                landed = step.verify(ctx, saga.input)
-            except Exception as exc:
-                return self._failed(saga, run, step, exc, worker, task_id, expected=u, status=u)
-            if landed:
-                return self._verified(saga, run, step, landed, worker, task_id)
-            absent = TimeoutError("verify: the effect did not land; retrying with the same key")
-            return self._failed(saga, run, step, absent, worker, task_id, expected=u)
+            return self._verify(saga, run, step, ctx, worker, task_id, expected=u,
+                                why=f"lease of {lapsed.worker} expired")
         if forward and step.at_most_once:
             blind = TerminalError("outcome unknown and the step is at_most_once: it is never "
                                   "re-run without a successful verify")
-            return self._failed(saga, run, step, blind, worker, task_id, expected=u, status=u)
-        lost = TimeoutError(f"lease of {run.worker} expired; retrying with the same key")
-        return self._failed(saga, run, step, lost, worker, task_id, expected=u, status=u)
+            return self._failed(saga, run, step, blind, worker, task_id, ctx=ctx,
+                                expected=u, status=u)
+        lost = TimeoutError(f"lease of {lapsed.worker} expired; retrying with the same key")
+        return self._failed(saga, run, step, lost, worker, task_id, ctx=ctx,
+                            expected=u, status=u)
+
+    def _in_doubt(
+        self, saga: SagaRecord, run: StepRunRecord, step: Step, exc: BaseException,
+        ctx: StepContext, worker: str, task_id: str | None,
+    ) -> str:
+        """An error after the request may have left (a time limit, a read timeout, a reset):
+        the outcome is unknown, like a lapsed lease. ``verify`` decides when there is one;
+        without it the run is recorded unknown (a rollback then compensates it)."""
+        if step.verify is not None:
+            return self._verify(saga, run, step, ctx, worker, task_id,
+                                expected=StepStatus.RUNNING, why=describe(exc), cause=exc)
+        return self._failed(saga, run, step, exc, worker, task_id, ctx=ctx,
+                            status=StepStatus.UNKNOWN)
+
+    def _verify(
+        self, saga: SagaRecord, run: StepRunRecord, step: Step, ctx: StepContext, worker: str,
+        task_id: str | None, *, expected: StepStatus, why: str,
+        cause: BaseException | None = None,
+    ) -> str:
+        """Ask the step's read-back whether its effect landed, and go on from the answer."""
+        assert step.verify is not None
+        u = StepStatus.UNKNOWN
+        try:
+            landed = step.verify(ctx, saga.input)
+        except Exception as exc:  # no answer: still unknown (redacted: it may quote one)
+            return self._failed(saga, run, step, exc, worker, task_id, ctx=ctx,
+                                expected=expected, status=u)
+        if not landed:
+            absent = cause or TimeoutError(
+                f"{why}; verify: the effect did not land; retrying with the same key")
+            status = StepStatus.FAILED if cause is not None else u
+            return self._failed(saga, run, step, absent, worker, task_id, ctx=ctx,
+                                expected=expected, status=status)
+        if landed is True and not step.at_most_once:
+            # It landed, but a bare True says nothing of its result, which later steps and
+            # the compensation may need: run it again with the same key to obtain it.
+            return self._rerun(saga, run, step, worker, task_id, expected=expected,
+                               why=f"{why}; verify: the effect landed, its result is unknown")
+        return self._verified(saga, run, step, landed, worker, task_id, expected=expected)
+
+    def _rerun(
+        self, saga: SagaRecord, run: StepRunRecord, step: Step, worker: str,
+        task_id: str | None, *, expected: StepStatus, why: str,
+    ) -> str:
+        reason = "re-run with the same key to obtain the result"
+        rung = ladder.Rung(run.level, True, "re-run", f"{why}: {reason}")
+        again = replace(self._new_run(saga.id, step, run.direction, run.attempt + 1,
+                                      reason=reason), level=run.level, tier=run.tier)
+        outcome = self.store.fail(
+            saga.id, run.id, token=run.deliveries, error=why, error_type="OutcomeUnknown",
+            failure=FailureClass.TRANSIENT.value, then=Then.RETRY, rungs=(rung,), retry=again,
+            worker=worker, task_id=task_id, expected=expected, status=StepStatus.UNKNOWN,
+        )
+        self._after(saga, outcome, Write.FAIL)
+        return "verified (re-run for its result)"
 
     def _verified(
         self, saga: SagaRecord, run: StepRunRecord, step: Step, landed: Any, worker: str,
-        task_id: str | None,
+        task_id: str | None, *, expected: StepStatus,
     ) -> str:
         definition = self.registry.get(saga.name)
         following = definition.steps[step.index + 1 :]
-        result = None if landed is True else to_json(self.box.seal(landed), "verify result")
+        try:  # what the read-back read is recorded as if the step had returned it
+            result = None if landed is True else to_json(self.box.seal(landed), "verify result")
+        except (InputError, ConfigurationError) as exc:
+            return self._failed(saga, run, step, TerminalError(exc.message), worker, task_id,
+                                expected=expected, status=StepStatus.UNKNOWN)
         outcome = self.store.succeed(
             saga.id,
             run.id,
+            token=run.deliveries,
             result=result,
             checkpoint={"results": {**saga.results, step.name: result},
                         "data": saga.checkpoint.get("data", {})},
@@ -386,10 +527,10 @@ class Engine:
             if following else None,
             worker=worker,
             task_id=task_id,
-            expected=StepStatus.UNKNOWN,
+            expected=expected,
             message="verify: the effect landed",
         )
-        self._after(saga, outcome)
+        self._after(saga, outcome, Write.SUCCEED)
         return "verified"
 
     # -- helpers ------------------------------------------------------------------------
@@ -416,12 +557,20 @@ class Engine:
             tier=run.tier or self._default_tier(saga.name, run.step),
             errors=errors,
             on_heartbeat=lambda: self.store.extend_lease(
-                saga.id, run.id, worker=worker, lease=self._lease_of(saga.name, run.step)
+                saga.id, run.id, worker=worker, token=run.deliveries,
+                lease=self._lease_of(saga.name, run.step),
+                hard_limit=self._hard_limit_of(saga.name, run.step),
             ),
             on_resource=lambda kind, ext: self.store.register_resource(
-                saga.id, run.id, run.step, kind, ext
+                saga.id, run.id, run.step, kind, ext, token=run.deliveries
             ),
         )
+
+    def _hard_limit_of(self, saga: str, step: str) -> float:
+        try:
+            return self.hard_limit(self.registry.get(saga).step_named(step))
+        except Exception:
+            return self.settings.step_timeout + self.settings.lease_margin
 
     def _lease_of(self, saga: str, step: str) -> float:
         try:
@@ -465,19 +614,20 @@ class Engine:
             reason=reason,
         )
 
-    def _after(self, saga: SagaRecord, outcome: Outcome) -> None:
+    def _after(self, saga: SagaRecord, outcome: Outcome, write: Write) -> None:
         # Entering needs_human queued the page (the log notifier is always one channel).
-        self._publish(outcome.dispatches)
+        self._publish(outcome.dispatches, write)
 
-    def publish_now(self, dispatches: Sequence[Dispatch]) -> None:
+    def publish_now(self, dispatches: Sequence[Dispatch], write: Write | None = None) -> None:
         """Publish messages whose rows are committed (a failure leaves them to the outbox)."""
-        self._publish(dispatches)
+        self._publish(dispatches, write)
 
-    def _publish(self, dispatches: Sequence[Dispatch]) -> None:
-        if not dispatches:
-            return
-        try:
-            self.publish(dispatches)
-        except Exception:  # the outbox row stays; the reconciler re-publishes it
-            log.exception("publishing %d message(s) failed; the outbox keeps them",
-                          len(dispatches))
+    def _publish(self, dispatches: Sequence[Dispatch], write: Write | None = None) -> None:
+        if dispatches:
+            try:
+                self.publish(dispatches)
+            except Exception:  # the outbox row stays; the reconciler re-publishes it
+                log.exception("publishing %d message(s) failed; the outbox keeps them",
+                              len(dispatches))
+        if write is not None:
+            self.store.fault(write, Phase.PUBLISHED)

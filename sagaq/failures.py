@@ -94,3 +94,29 @@ def classify(exc: BaseException, extra: Iterable[Classifier] = ()) -> FailureCla
         if found is not None:
             return FailureClass(found)
     return FailureClass.TRANSIENT  # unknown: worth a bounded retry, then the ladder climbs
+
+
+def in_doubt(exc: BaseException) -> bool:
+    """Whether the request may have reached the other side before ``exc`` (DESIGN §4.14).
+
+    A time limit hit mid-call, a read timeout, a connection reset after sending: the effect
+    may have landed, so the outcome is unknown and ``verify`` decides. A connection that was
+    never made (refused, a connect timeout) is a clean failure.
+    """
+    if type(exc).__name__ == "SoftTimeLimitExceeded":
+        return True
+    httpx = sys.modules.get("httpx")
+    if httpx is not None and isinstance(exc, httpx.TransportError):
+        return not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout
+                              | httpx.UnsupportedProtocol | httpx.ProxyError)
+    requests = sys.modules.get("requests")
+    if requests is not None and isinstance(exc, requests.exceptions.RequestException):
+        return isinstance(exc, requests.exceptions.ReadTimeout
+                          | requests.exceptions.ChunkedEncodingError) or (
+            isinstance(exc, requests.exceptions.ConnectionError)
+            and not isinstance(exc, requests.exceptions.ConnectTimeout)
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return False
+    return isinstance(exc, TimeoutError | ConnectionResetError | ConnectionAbortedError
+                      | BrokenPipeError)

@@ -56,7 +56,7 @@ TABLE: list[tuple[str, list[SagaState], SagaState]] = [
     ("finish", [S.RUNNING], S.COMPLETED),
     ("wait", [S.RUNNING], S.WAITING),
     ("wake", [S.WAITING], S.RUNNING),
-    ("request_approval", [S.RUNNING, S.COMPENSATING], S.AWAITING_APPROVAL),
+    ("request_approval", [S.PENDING, S.RUNNING, S.COMPENSATING], S.AWAITING_APPROVAL),
     ("approve", [S.AWAITING_APPROVAL], S.RUNNING),
     ("approve_rollback", [S.AWAITING_APPROVAL], S.COMPENSATING),
     ("deny", [S.AWAITING_APPROVAL], S.COMPENSATING),

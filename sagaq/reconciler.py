@@ -2,8 +2,10 @@
 
 One pass runs every sweep once: wake sagas whose durable wait is over, publish again the
 outbox rows whose message seems lost, send a worker to each step whose lease expired, page
-for rollbacks that stopped making progress, and release orphaned resources. Each sweep is a
-bounded batch, idempotent, and safe with two beats running (see :mod:`sagaq.store.sweeps`).
+for rollbacks that stopped making progress, release orphaned resources, deny approvals past
+their deadline, and give every saga left without a way forward its way back (or page). Each
+sweep is a bounded batch, idempotent, and safe with two beats running (see
+:mod:`sagaq.store.sweeps`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def sweep(store: Store, settings: Settings) -> Sweep:
         "stalled": lambda: store.stalled_rollbacks(settings.rollback_deadline, batch),
         "orphans": lambda: store.orphans(batch),
         "approvals_expired": lambda: store.expire_approvals(batch),
+        # Last: whatever the sweeps above did not put back on track has lost its way.
+        "repaired": lambda: store.repair(batch),
     }
     for name, run in passes.items():
         try:

@@ -13,7 +13,7 @@ from rich.text import Text
 
 from sagaq.commands import Story
 from sagaq.machine import Direction, SagaState, StepStatus
-from sagaq.store import ApprovalRecord, SagaRecord
+from sagaq.store import ApprovalRecord, SagaRecord, Stranded
 
 STATE_STYLE = {
     SagaState.PENDING: "dim",
@@ -141,4 +141,15 @@ def approvals_table(approvals: list[ApprovalRecord]) -> Table:
     for a in approvals:
         table.add_row(a.id, a.saga_id[:8], a.step, a.direction, a.rule_id, a.status,
                       a.deadline.strftime("%Y-%m-%d %H:%M"), a.decided_by or "")
+    return table
+
+
+def stranded_table(found: list[Stranded]) -> Table:
+    table = Table(title=f"{len(found)} saga(s) without a way forward", title_justify="left")
+    table.add_column("id", no_wrap=True)
+    for col in ("name", "state", "since", "reason"):
+        table.add_column(col, overflow="fold")
+    for s in found:
+        table.add_row(s.saga_id, Text(s.name), _state(s.state),
+                      s.updated_at.strftime("%Y-%m-%d %H:%M:%S"), Text(s.reason))
     return table

@@ -19,6 +19,7 @@ from sagaq.reconciler import Sweep, sweep
 from sagaq.settings import Settings
 from sagaq.store import Store
 from sagaq.store.database import create_engine
+from sagaq.store.faults import Write
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -81,14 +82,15 @@ class Runtime:
         """Send one notification (the ``sagaq.notify`` task); publishes a retry if needed."""
         from sagaq.notify.delivery import deliver
 
-        word, dispatches = deliver(self.store, self.notifiers, notification_id)
-        self.engine.publish_now(dispatches)
+        word, dispatches = deliver(self.store, self.notifiers, notification_id,
+                                   countdown_max=self.settings.countdown_max)
+        self.engine.publish_now(dispatches, Write.END_DELIVERY)
         return word
 
     def reconcile(self) -> Sweep:
         """One reconciler pass (the ``sagaq.reconcile`` beat task, ``sagaq reconcile``)."""
         result = sweep(self.store, self.settings)
-        self.engine.publish_now(result.dispatches)
+        self.engine.publish_now(result.dispatches, Write.REPUBLISH)
         return result
 
     def release(self, resource_id: int) -> str:
@@ -114,14 +116,17 @@ class Runtime:
             ):
                 delay = backoff(res.attempts, self.settings.retry_base, self.settings.retry_cap)
                 self.engine.publish_now(
-                    self.store.end_release(res, released=False, error=error, retry_in=delay)
+                    self.store.end_release(res, released=False, error=error, retry_in=delay,
+                                           durable=delay > self.settings.countdown_max),
+                    Write.END_RELEASE,
                 )
                 return "retry"
             if isinstance(exc, KeyError):
                 error = f"no @{saga.name}.releaser({res.kind!r}) is defined"
             self.store.end_release(res, released=False, error=error)
             self.engine.publish_now(
-                self.store.page_release_failure(saga.id, res.kind, res.external_id)
+                self.store.page_release_failure(saga.id, res.kind, res.external_id),
+                Write.PAGE_RELEASE,
             )
             return "failed (paged)"
         self.store.end_release(res, released=True)

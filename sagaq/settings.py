@@ -85,6 +85,12 @@ class Settings:
             )
         if self.retry_base <= 0 or self.retry_cap < self.retry_base:
             raise ConfigurationError("SAGAQ_RETRY_BASE must be > 0 and <= SAGAQ_RETRY_CAP")
+        if self.retry_cap >= self.visibility_timeout:
+            raise ConfigurationError(
+                "SAGAQ_RETRY_CAP must stay below SAGAQ_VISIBILITY_TIMEOUT "
+                f"({self.retry_cap:g} >= {self.visibility_timeout:g}): a backoff is never "
+                "longer than the broker keeps an unacknowledged message"
+            )
         counts = ("retries", "retryable_retries", "reprompts", "per_tier", "refreshes",
                   "compensation_retries", "pool_size", "reconcile_batch", "max_deliveries")
         for name in counts:

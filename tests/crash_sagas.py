@@ -85,8 +85,9 @@ def _undo(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _read_back(ctx: StepContext, inp: dict[str, Any]) -> bool:
-    return landed(url(), ctx.key)
+def _read_back(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any] | bool:
+    # A read-back gives back what it read: recorded as if the step had returned it.
+    return {"ref": ctx.key[:12]} if landed(url(), ctx.key) else False
 
 
 # -- trio: a (verify), b (no verify), c (at most once, no verify); all before any pivot -------

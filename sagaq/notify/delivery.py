@@ -17,7 +17,8 @@ from sagaq.store import Dispatch, NotificationRecord, Store
 
 log = logging.getLogger("sagaq.notify")
 
-MAX_ATTEMPTS = 8
+MAX_ATTEMPTS = 8  # a notice (not a page) gives up after this many tries
+PAGE_BACKOFF_CAP = 3600.0  # a page is tried until it is delivered, at least once an hour
 TIMELINE_EVENTS = 12
 
 
@@ -95,30 +96,47 @@ def build_notice(store: Store, n: NotificationRecord) -> Notice:
 
 
 def deliver(
-    store: Store, notifiers: Mapping[str, Notifier], notification_id: int
+    store: Store, notifiers: Mapping[str, Notifier], notification_id: int,
+    *, countdown_max: float = 30.0,
 ) -> tuple[str, list[Dispatch]]:
-    """Send one notification; returns a word for the log and any retry message to publish."""
+    """Send one notification; returns a word for the log and any retry message to publish.
+
+    A page is retried until it is delivered, with a growing backoff (long waits are durable:
+    the outbox row becomes due, and the reconciler publishes it); only a 4xx other than 429
+    fails it, and a failed page stays listed by ``sagaq doctor``. Other notices give up after
+    ``MAX_ATTEMPTS``.
+    """
     n = store.begin_delivery(notification_id)
     if n is None:
         return "dropped (already delivered or in flight)", []
+    page = n.kind == Kind.PAGE.value and n.action == Action.TRIGGER.value
+
+    def again(error: str, retry_after: float | None = None) -> tuple[str, list[Dispatch]]:
+        if page:
+            delay = max(retry_after or 0.0, backoff(n.attempts, 1.0, PAGE_BACKOFF_CAP))
+            log.error("page %s via %s not delivered (attempt %d): %s; again in %.0fs",
+                      n.dedup_key, n.channel, n.attempts, error, delay)
+        elif n.attempts < MAX_ATTEMPTS:
+            delay = max(retry_after or 0.0, backoff(n.attempts, 1.0, 30.0))
+        else:
+            log.error("delivery of %s %s via %s failed for good: %s", n.kind, n.dedup_key,
+                      n.channel, error)
+            return "failed", store.end_delivery(n, sent=False, error=error)
+        return "retry", store.end_delivery(n, sent=False, error=error, retry_in=delay,
+                                           durable=delay > countdown_max)
+
     notifier = notifiers.get(n.channel)
     if notifier is None:
-        return "failed", store.end_delivery(
-            n, sent=False, error=f"no notifier named {n.channel!r} is configured here"
-        )
+        return again(f"no notifier named {n.channel!r} is configured here")
     try:
         notifier.send(build_notice(store, n))
     except DeliveryError as exc:
-        if exc.retryable and n.attempts < MAX_ATTEMPTS:
-            delay = max(exc.retry_after or 0.0, backoff(n.attempts, 1.0, 30.0))
-            return "retry", store.end_delivery(n, sent=False, error=exc.message, retry_in=delay)
+        if exc.retryable:
+            return again(exc.message, exc.retry_after)
         log.error("delivery of %s %s via %s failed for good: %s", n.kind, n.dedup_key,
                   n.channel, exc.message)
         return "failed", store.end_delivery(n, sent=False, error=exc.message)
     except Exception as exc:  # a bug in a notifier must not lose the page: retry it
         log.exception("notifier %s raised", n.channel)
-        delay = backoff(n.attempts, 1.0, 30.0)
-        if n.attempts < MAX_ATTEMPTS:
-            return "retry", store.end_delivery(n, sent=False, error=repr(exc), retry_in=delay)
-        return "failed", store.end_delivery(n, sent=False, error=repr(exc))
+        return again(repr(exc))
     return "sent", store.end_delivery(n, sent=True)

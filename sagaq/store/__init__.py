@@ -13,6 +13,7 @@ from sagaq.store.records import (
     ResourceRecord,
     SagaRecord,
     StepRunRecord,
+    Stranded,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "SagaRecord",
     "StepRunRecord",
     "Store",
+    "Stranded",
 ]

@@ -7,6 +7,7 @@ import sqlalchemy as sa
 from sagaq.errors import InputError, UnknownSagaError
 from sagaq.machine import Direction
 from sagaq.store.base import Lost, StoreBase
+from sagaq.store.faults import Write
 from sagaq.store.models import APPROVALS, OUTBOX, RUNS
 from sagaq.store.records import ApprovalRecord, Dispatch, NewRun, Outcome, SagaRecord
 from sagaq.store.timeline import Timeline, approval_record, step_run_record
@@ -43,7 +44,7 @@ class Approvals(StoreBase):
         def op(conn: sa.Connection, saga: SagaRecord, tl: Timeline) -> list[Dispatch]:
             return self._decide(conn, saga, tl, found.id, approve, by, note, policy)
 
-        outcome = self._on_saga(found.saga_id, op, worker=by)
+        outcome = self._on_saga(Write.DECIDE, found.saga_id, op, worker=by)
         if not outcome.won:
             raise InputError(f"approval {found.id[:8]} is no longer pending ({outcome.note})")
         return outcome
@@ -98,11 +99,10 @@ class Approvals(StoreBase):
 
     def expire_approvals(self, batch: int = 100) -> list[Dispatch]:
         """Requests past their deadline are denied by the reconciler: the saga rolls back."""
-        now = self.clock()
         with self.engine.connect() as conn:
             due = conn.execute(
                 sa.select(APPROVALS.c.id)
-                .where(APPROVALS.c.status == "pending", APPROVALS.c.deadline <= now)
+                .where(APPROVALS.c.status == "pending", APPROVALS.c.deadline <= self.db_now())
                 .order_by(APPROVALS.c.deadline)
                 .limit(batch)
             ).scalars().all()

@@ -21,10 +21,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from sagaq.keys import idempotency_key
+from sagaq.ladder import Rung
 from sagaq.machine import Direction, SagaState, StepStatus, next_state
 from sagaq.notify.base import Action, Kind
 from sagaq.store.database import autocommit_engine
-from sagaq.store.models import APPROVALS, NOTIFICATIONS, OUTBOX, RESOURCES, RUNS, SAGAS
+from sagaq.store.faults import FaultHook, Phase, Write, no_faults
+from sagaq.store.models import APPROVALS, NOTIFICATIONS, OUTBOX, RESOURCES, RUNS, SAGAS, UTCDateTime
 from sagaq.store.records import Dispatch, NewRun, Outcome, SagaRecord
 from sagaq.store.timeline import Timeline, approval_record, saga_record
 
@@ -56,13 +58,18 @@ class StoreBase:
         self,
         engine: sa.Engine,
         *,
-        clock: Callable[[], datetime] = utcnow,
+        clock: Callable[[], datetime] | None = None,
         channels: Channels | None = None,
         gate: Gate | None = None,
         approval_deadline: float = 86400.0,
     ) -> None:
         self.engine = engine
-        self.clock = clock
+        # Leases and deadlines are compared with the database's clock, never a host's: a
+        # worker whose clock is ahead must not expire another's lease. A test may set a clock
+        # of its own (to move time past every lease); it then rules everywhere.
+        self.clock = clock or utcnow
+        self.fixed_clock = clock is not None
+        self.fault: FaultHook = no_faults  # the crash-point hook (see sagaq.store.faults)
         self.channels: Channels = channels or {Kind.PAGE: ("log",), Kind.NOTIFY: ("log",)}
         self.gate = gate  # the policy gate before every dispatch; None: allow everything
         self.approval_deadline = approval_deadline
@@ -79,12 +86,45 @@ class StoreBase:
 
     # -- transactions -------------------------------------------------------------------
 
+    def db_now(self) -> Any:
+        """``now()`` as SQL: the database's clock, or the test's clock when one is set."""
+        if self.fixed_clock or not self.fast:  # SQLite (the demo) has no now(): the host's
+            return sa.literal(self.clock(), UTCDateTime())
+        return sa.func.now()
+
+    def db_in(self, seconds: float) -> Any:
+        """``now() + seconds`` as SQL, on the same clock as :meth:`db_now`."""
+        if self.fixed_clock or not self.fast:
+            return sa.literal(self.clock() + timedelta(seconds=seconds), UTCDateTime())
+        return self.db_now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, sa.literal(float(seconds)))
+
     @contextmanager
-    def _tx(self, session: Session | None = None) -> Iterator[sa.Connection]:
+    def _write(
+        self, name: Write, *, session: Session | None = None, autocommit: bool = False
+    ) -> Iterator[sa.Connection]:
+        """The one place where the store commits. Every crash point is here.
+
+        ``before``: the statements ran, the commit has not (raising rolls them back; on an
+        autocommit connection it is before the one statement); ``after``: committed.
+        With ``session``, the caller's transaction: the caller commits, or not.
+        """
         if session is not None:
-            yield session.connection()  # the caller commits, or not
+            yield session.connection()
+            self.fault(name, Phase.BEFORE)
             return
-        with self.engine.begin() as conn:
+        if autocommit:
+            with self.autocommit.connect() as conn:
+                self.fault(name, Phase.BEFORE)
+                yield conn
+        else:
+            with self.engine.begin() as conn:
+                yield conn
+                self.fault(name, Phase.BEFORE)
+        self.fault(name, Phase.AFTER)
+
+    @contextmanager
+    def _tx(self, name: Write, session: Session | None = None) -> Iterator[sa.Connection]:
+        with self._write(name, session=session) as conn:
             yield conn
 
     def _retrying(self, op: Callable[[], T], attempts: int = 4) -> T:
@@ -113,6 +153,7 @@ class StoreBase:
 
     def _on_saga(
         self,
+        name: Write,
         saga_id: str,
         op: Callable[[sa.Connection, SagaRecord, Timeline], list[Dispatch]],
         worker: str | None = None,
@@ -123,7 +164,7 @@ class StoreBase:
         def attempt() -> Outcome:
             now = self.clock()
             try:
-                with self._tx() as conn:
+                with self._tx(name) as conn:
                     row = conn.execute(
                         sa.update(SAGAS)
                         .where(SAGAS.c.id == saga_id)
@@ -317,6 +358,12 @@ class StoreBase:
         if new.durable and saga.state is SagaState.RUNNING:
             saga, _ = self._transition(conn, saga, "wait", tl, wake_at=not_before)
             return saga, []  # published by the reconciler at wake_at, not now
+        if new.durable and saga.state is SagaState.COMPENSATING:
+            # A compensation's long backoff waits in Postgres too (DESIGN §4.10), never as a
+            # long countdown in Redis; the rollback stays compensating until it is woken.
+            conn.execute(sa.update(SAGAS).where(SAGAS.c.id == saga.id)
+                         .values(wake_at=not_before, updated_at=tl.now))
+            return replace(saga, wake_at=not_before), []
         return saga, [dispatch]
 
     # -- the policy gate ----------------------------------------------------------------
@@ -386,7 +433,7 @@ class StoreBase:
             if not applicable:
                 action = "not applicable"
             tl.add("ladder.rung", step=new.step, run_id=run_id,
-                   message=f"rung {level}: {action}: {why}",
+                   message=rung_text(Rung(level, applicable, action, why)),
                    data={"level": level, "applicable": applicable, "action": action,
                          "reason": why, "direction": new.direction.value})
 
@@ -523,6 +570,13 @@ def uncompensated_query(saga_id: str) -> sa.Select[Any]:
         )
         .order_by(RUNS.c.step_index.desc(), RUNS.c.id.desc())
     )
+
+
+def rung_text(rung: Any) -> str:
+    """One ladder rung as the timeline says it ("rung 1: not applicable: why")."""
+    if rung.applicable or rung.action == "not applicable":
+        return f"rung {rung.level}: {rung.action}: {rung.reason}"
+    return f"rung {rung.level}: {rung.action} (not applicable): {rung.reason}"
 
 
 def dedup_key(saga_id: str, incident: int) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -47,6 +47,12 @@ def _p(name: str, type_: Any = None) -> Any:
 
 def _now() -> Any:
     return sa.bindparam("p_now", type_=UTCDateTime())
+
+
+def _db_now() -> Any:
+    """The database's clock, unless the store runs on a test clock (``p_clock``)."""
+    return sa.func.coalesce(sa.cast(sa.bindparam("p_clock", type_=UTCDateTime()),
+                                    UTCDateTime()), sa.func.now())
 
 
 def _run_values(saga_id: Any) -> list[Any]:
@@ -196,13 +202,16 @@ def _claim() -> sa.Select[Any]:
             SAGAS.c.id == RUNS.c.saga_id,
             SAGAS.c.state != SagaState.WAITING.value,
             SAGAS.c.state != SagaState.AWAITING_APPROVAL.value,
+            # a rollback that waits in Postgres for its next compensation's backoff
+            sa.or_(SAGAS.c.wake_at.is_(None), SAGAS.c.wake_at <= _db_now()),
         )
         .values(
             status=StepStatus.RUNNING.value,
             worker=sa.bindparam("p_worker"),
             task_id=sa.bindparam("p_task_id"),
-            started_at=_now(),
-            lease_expires_at=sa.bindparam("p_lease_until", type_=UTCDateTime()),
+            started_at=_db_now(),
+            lease_expires_at=_db_now() + sa.func.make_interval(
+                0, 0, 0, 0, 0, 0, sa.cast(sa.bindparam("p_lease"), sa.Float())),
             deliveries=RUNS.c.deliveries + 1,
         )
         .returning(*RUNS.c, *(c.label(f"saga__{c.name}") for c in SAGAS.c))
@@ -259,13 +268,13 @@ def _claim() -> sa.Select[Any]:
 
 def claim(
     conn: sa.Connection, saga_id: str, run_id: int, *, worker: str, task_id: str | None,
-    lease: float, now: datetime,
+    lease: float, now: datetime, clock: datetime | None,
 ) -> Any:
     """Claim a scheduled run (and start a pending saga); the row, or None if not claimed."""
     started = next_state("*", SagaState.PENDING, "start")  # the table decides, not this SQL
     cur = _run(conn, _claim, {
         "p_run_id": run_id, "p_saga_id": saga_id, "p_worker": worker, "p_task_id": task_id,
-        "p_now": now, "p_lease_until": now + timedelta(seconds=lease),
+        "p_now": now, "p_clock": clock, "p_lease": float(lease),
         "p_started_state": started.value, "p_started_kind": f"saga.{started.value}",
         "p_started_message": f"pending → {started.value}",
     })
@@ -292,6 +301,7 @@ def _run_succeeded() -> Any:
         .where(
             RUNS.c.id == sa.bindparam("p_run_id"),
             RUNS.c.status == StepStatus.RUNNING.value,
+            RUNS.c.deliveries == sa.bindparam("p_token", type_=sa.Integer()),  # not a zombie
             sa.exists(sa.select(lock.c.id).where(lock.c.state == SagaState.RUNNING.value)),
         )
         .values(status=StepStatus.SUCCEEDED.value,
@@ -299,6 +309,15 @@ def _run_succeeded() -> Any:
                 lease_expires_at=None)
         .returning(RUNS.c.id, RUNS.c.saga_id, RUNS.c.step, RUNS.c.attempt)
         .cte("done")
+    )
+
+
+def _outbox_gone(done: Any) -> Any:
+    """The run's own outbox rows (a recovery row the lease sweep wrote meanwhile) go with it."""
+    return (
+        sa.delete(OUTBOX)
+        .where(OUTBOX.c.step_run_id.in_(sa.select(done.c.id)))
+        .cte("run_outbox_gone")
     )
 
 
@@ -347,20 +366,21 @@ def _advance() -> sa.Select[Any]:
         )
         .cte("events")
     )
-    return sa.select(nxt.c.id).add_cte(saga).add_cte(outbox).add_cte(events)
+    return (sa.select(nxt.c.id).add_cte(saga).add_cte(outbox).add_cte(events)
+            .add_cte(_outbox_gone(done)))
 
 
 def advance(
     conn: sa.Connection, saga_id: str, run_id: int, *, result: Any,
     checkpoint: dict[str, Any], new: NewRun, worker: str | None, task_id: str | None,
-    now: datetime,
+    now: datetime, token: int,
 ) -> Dispatch | None:
     """Record a forward step's success and dispatch the next; None if a guard failed."""
     message_id = str(uuid.uuid4())
     row = _run(conn, _advance, {
         "p_saga_id": saga_id, "p_run_id": run_id, "p_result": Jsonb(result),
         "p_checkpoint": Jsonb(checkpoint), "p_now": now, "p_worker": worker,
-        "p_task_id": task_id, **_new_params(new, message_id),
+        "p_task_id": task_id, "p_token": token, **_new_params(new, message_id),
     }).fetchone()
     if row is None or row[0] is None:
         return None
@@ -394,19 +414,20 @@ def _finish() -> sa.Select[Any]:
                      include_defaults=False)
         .cte("events")
     )
-    return sa.select(saga.c.id).add_cte(events)
+    return sa.select(saga.c.id).add_cte(events).add_cte(_outbox_gone(done))
 
 
 def finish(
     conn: sa.Connection, saga_id: str, run_id: int, *, result: Any,
     checkpoint: dict[str, Any], worker: str | None, task_id: str | None, now: datetime,
+    token: int,
 ) -> bool:
     """Record the last step's success and complete the saga; False if a guard failed."""
     done = next_state("*", SagaState.RUNNING, "finish")  # the table decides, not this SQL
     row = _run(conn, _finish, {
         "p_saga_id": saga_id, "p_run_id": run_id, "p_result": Jsonb(result),
         "p_checkpoint": Jsonb(checkpoint), "p_now": now, "p_worker": worker,
-        "p_task_id": task_id, "p_finished_state": done.value,
+        "p_task_id": task_id, "p_token": token, "p_finished_state": done.value,
         "p_finished_kind": f"saga.{done.value}",
         "p_finished_message": f"running → {done.value}",
     }).fetchone()

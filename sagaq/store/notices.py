@@ -6,7 +6,8 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from sagaq.store.base import StoreBase
+from sagaq.store.base import NOTIFY_TASK, StoreBase
+from sagaq.store.faults import Write
 from sagaq.store.models import NOTIFICATIONS, OUTBOX
 from sagaq.store.records import Dispatch, NotificationRecord
 from sagaq.store.timeline import Timeline, notification_record
@@ -34,7 +35,7 @@ class Notices(StoreBase):
     def begin_delivery(self, notification_id: int) -> NotificationRecord | None:
         """pending → sending (or a stale sending one): None if another delivery has it."""
         now = self.clock()
-        with self.engine.begin() as conn:
+        with self._write(Write.BEGIN_DELIVERY) as conn:
             row = conn.execute(
                 sa.update(NOTIFICATIONS)
                 .where(
@@ -43,7 +44,7 @@ class Notices(StoreBase):
                         NOTIFICATIONS.c.status == "pending",
                         sa.and_(
                             NOTIFICATIONS.c.status == "sending",
-                            NOTIFICATIONS.c.updated_at < now - SENDING_LEASE,
+                            NOTIFICATIONS.c.updated_at < self.db_in(-SENDING_LEASE.total_seconds()),
                         ),
                     ),
                 )
@@ -59,11 +60,18 @@ class Notices(StoreBase):
         sent: bool,
         error: str | None = None,
         retry_in: float | None = None,
+        durable: bool = False,
     ) -> list[Dispatch]:
-        """sending → sent | failed, or back to pending with a new message in ``retry_in`` s."""
+        """sending → sent | failed, or back to pending with a new message in ``retry_in`` s.
+
+        Fenced by the attempt: a sender whose delivery was taken over (it stalled past the
+        sending lease) records nothing. A ``durable`` retry is not published with a countdown
+        (Redis would redeliver a long one): its outbox row becomes due, and the reconciler
+        publishes it then.
+        """
         now = self.clock()
         n = notification
-        with self.engine.begin() as conn:
+        with self._write(Write.END_DELIVERY) as conn:
             tl = Timeline(n.saga_id, now)
             if retry_in is not None:
                 status, what = "pending", "retry"
@@ -71,7 +79,8 @@ class Notices(StoreBase):
                 status, what = ("sent", "sent") if sent else ("failed", "failed")
             done = conn.execute(
                 sa.update(NOTIFICATIONS)
-                .where(NOTIFICATIONS.c.id == n.id, NOTIFICATIONS.c.status == "sending")
+                .where(NOTIFICATIONS.c.id == n.id, NOTIFICATIONS.c.status == "sending",
+                       NOTIFICATIONS.c.attempts == n.attempts)
                 .values(status=status, last_error=error, updated_at=now,
                         sent_at=now if sent else None)
             )
@@ -92,11 +101,16 @@ class Notices(StoreBase):
             if retry_in is None:
                 conn.execute(sa.delete(OUTBOX).where(OUTBOX.c.notification_id == n.id))
                 return []
-            if row is None:
-                return []
-            conn.execute(
-                sa.update(OUTBOX)
-                .where(OUTBOX.c.id == row.id)
-                .values(available_at=now + timedelta(seconds=retry_in))
-            )
-            return [Dispatch(row.task_name, (row.args[0], row.args[1]), row.message_id, retry_in)]
+            due = now + timedelta(seconds=retry_in)
+            if row is None:  # never leave a pending notice without its message
+                again = self._outbox(conn, n.saga_id, NOTIFY_TASK, n.id, due,
+                                     ref="notification_id", countdown=retry_in)
+            else:
+                conn.execute(
+                    sa.update(OUTBOX)
+                    .where(OUTBOX.c.id == row.id)
+                    .values(available_at=due, republished_at=None, republished=0)
+                )
+                again = Dispatch(row.task_name, (row.args[0], row.args[1]), row.message_id,
+                                 retry_in)
+        return [] if durable else [again]

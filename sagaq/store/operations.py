@@ -6,9 +6,7 @@ follows (guarded updates, the saga row locked first, outbox rows beside state ch
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
-from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,7 +18,9 @@ from sagaq.machine import Direction, SagaState, StepStatus, next_state
 from sagaq.notify.base import Action, Kind
 from sagaq.store import hotpath
 from sagaq.store.approvals import Approvals
-from sagaq.store.base import Lost, uncompensated_query
+from sagaq.store.base import Lost, rung_text, uncompensated_query
+from sagaq.store.faults import Write
+from sagaq.store.liveness import Liveness
 from sagaq.store.models import EVENTS, OUTBOX, RESOURCES, RUNS, SAGAS
 from sagaq.store.notices import Notices
 from sagaq.store.records import (
@@ -48,7 +48,7 @@ class _Row:
 _FINAL_RUN = {StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.UNKNOWN}
 
 
-class Store(Approvals, Notices, Resources, Sweeps, Views):
+class Store(Approvals, Liveness, Notices, Resources, Sweeps, Views):
     """Named operations over the sagaq tables."""
 
     # -- starting -----------------------------------------------------------------------
@@ -69,19 +69,23 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
         if self.fast and first.delay == 0 and (self.gate is None or not self.gate.active):
             # One statement: on a pooled autocommit connection, or inside the caller's
             # transaction when it runs on psycopg (it commits, or not).
-            with (self.autocommit.connect() if session is None
-                  else contextlib.nullcontext(session.connection())) as conn:
+            found: tuple[str, bool, list[Dispatch]] | None = None
+            with self._write(Write.ENQUEUE, session=session, autocommit=session is None) as conn:
                 if hotpath.usable(conn):
                     dispatch = hotpath.enqueue(conn, saga_id=saga_id, name=name,
                                                version=version, input=input, key=key,
                                                first=first, now=now)
                     if dispatch is not None:
-                        return saga_id, True, [dispatch]
-                    existing = conn.execute(
-                        sa.select(SAGAS.c.id).where(SAGAS.c.name == name, SAGAS.c.key == key)
-                    ).scalar_one()
-                    return existing, False, []
-        with self._tx(session) as conn:
+                        found = saga_id, True, [dispatch]
+                    else:
+                        existing = conn.execute(
+                            sa.select(SAGAS.c.id).where(SAGAS.c.name == name,
+                                                        SAGAS.c.key == key)
+                        ).scalar_one()
+                        found = existing, False, []
+            if found is not None:
+                return found
+        with self._tx(Write.ENQUEUE, session) as conn:
             stmt = self._insert(conn)(SAGAS).values(
                 id=saga_id,
                 name=name,
@@ -126,9 +130,9 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
         self, saga_id: str, run_id: int, worker: str, task_id: str | None, lease: float
     ) -> Claim | None:
         now = self.clock()
-        with self.autocommit.connect() as conn:
+        with self._write(Write.CLAIM, autocommit=True) as conn:
             m = hotpath.claim(conn, saga_id, run_id, worker=worker, task_id=task_id,
-                              lease=lease, now=now)
+                              lease=lease, now=now, clock=now if self.fixed_clock else None)
             if m is None:
                 return None  # not claimable: the general path says why
             run = step_run_record(_Row({c.name: m[c.name] for c in RUNS.c}))
@@ -161,32 +165,28 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
         self, saga_id: str, run_id: int, worker: str, task_id: str | None, lease: float
     ) -> Claim:
         now = self.clock()
-        with self._tx() as conn:
+        with self._tx(Write.CLAIM) as conn:
             tl = Timeline(saga_id, now, worker=worker, task_id=task_id)
-            waiting = sa.exists().where(
-                SAGAS.c.id == saga_id,
-                SAGAS.c.state.in_([SagaState.WAITING.value, SagaState.AWAITING_APPROVAL.value]),
-            )
             row = conn.execute(
                 sa.update(RUNS)
                 .where(
                     RUNS.c.id == run_id,
                     RUNS.c.saga_id == saga_id,
                     RUNS.c.status == StepStatus.SCHEDULED.value,
-                    ~waiting,  # an early or duplicate message during a durable wait
+                    ~self._held_back(saga_id),  # an early or duplicate message during a wait
                 )
                 .values(
                     status=StepStatus.RUNNING.value,
                     worker=worker,
                     task_id=task_id,
-                    started_at=now,
-                    lease_expires_at=now + timedelta(seconds=lease),
+                    started_at=self.db_now(),
+                    lease_expires_at=self.db_in(lease),
                     deliveries=RUNS.c.deliveries + 1,
                 )
                 .returning(*RUNS.c)
             ).first()
             if row is None:
-                return self._not_claimed(conn, saga_id, run_id, now, tl)
+                return self._not_claimed(conn, saga_id, run_id, tl)
             run = step_run_record(row)
             conn.execute(sa.delete(OUTBOX).where(OUTBOX.c.step_run_id == run_id))
             saga = saga_record(conn.execute(sa.select(SAGAS).where(SAGAS.c.id == saga_id)).one())
@@ -197,21 +197,33 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
             tl.flush(conn)
             return self._claimed(conn, run, saga)
 
+    def _held_back(self, saga_id: str) -> Any:
+        """The saga waits in Postgres (a durable backoff, an approval): no run may start."""
+        return sa.exists().where(
+            SAGAS.c.id == saga_id,
+            sa.or_(
+                SAGAS.c.state.in_([SagaState.WAITING.value, SagaState.AWAITING_APPROVAL.value]),
+                SAGAS.c.wake_at > self.db_now(),  # a rollback waiting for a backoff
+            ),
+        )
+
     def _not_claimed(
-        self, conn: sa.Connection, saga_id: str, run_id: int, now: datetime, tl: Timeline
+        self, conn: sa.Connection, saga_id: str, run_id: int, tl: Timeline
     ) -> Claim:
         row = conn.execute(
-            sa.select(RUNS).where(RUNS.c.id == run_id, RUNS.c.saga_id == saga_id)
+            sa.select(RUNS, (RUNS.c.lease_expires_at <= self.db_now()).label("lapsed"))
+            .where(RUNS.c.id == run_id, RUNS.c.saga_id == saga_id)
         ).first()
         if row is None:
             return Claim(ClaimStatus.MISSING)
-        run = step_run_record(row)
-        if run.status in _FINAL_RUN:
+        run = step_run_record(_Row({c.name: row._mapping[c.name] for c in RUNS.c}))
+        unresolved = run.status is StepStatus.UNKNOWN and run.finished_at is None
+        if run.status in _FINAL_RUN and not unresolved:
             status, why = ClaimStatus.FINISHED, f"run already {run.status.value}"
         elif run.status is StepStatus.SCHEDULED:
             status, why = ClaimStatus.EARLY, "the saga is waiting (a durable wait or an approval)"
-        elif run.lease_expires_at is not None and run.lease_expires_at <= now:
-            return Claim(ClaimStatus.EXPIRED, run)
+        elif row.lapsed is True:
+            return Claim(ClaimStatus.EXPIRED, run)  # its worker died, or a resolver did
         else:
             status, why = ClaimStatus.BUSY, f"running on {run.worker} under a live lease"
         tl.run_event(run, "dropped", f"duplicate delivery dropped: {why}")
@@ -241,47 +253,78 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
         earlier.reverse()
         return earlier
 
-    def expire(self, saga_id: str, run_id: int, *, worker: str) -> bool:
-        """RUNNING with an expired lease → UNKNOWN. True if this caller made the change."""
+    def expire(
+        self, saga_id: str, run_id: int, *, worker: str, lease: float
+    ) -> StepRunRecord | None:
+        """Take over a run whose lease expired: it is UNKNOWN until ``verify`` (or the ladder)
+        says what happened, under a lease of this resolver's own.
+
+        The run keeps its outbox row until the outcome is recorded: a resolver that dies
+        mid-``verify`` leaves a message that the reconciler publishes again, and the next
+        delivery resolves it. The delivery count is the fence: a zombie's writes lose.
+        Returns the run as taken over (its ``deliveries`` is the new token), or None.
+        """
         now = self.clock()
-        with self._tx() as conn:
+        with self._tx(Write.EXPIRE) as conn:
             row = conn.execute(
                 sa.update(RUNS)
                 .where(
                     RUNS.c.id == run_id,
                     RUNS.c.saga_id == saga_id,
-                    RUNS.c.status == StepStatus.RUNNING.value,
-                    RUNS.c.lease_expires_at <= now,
+                    sa.or_(
+                        RUNS.c.status == StepStatus.RUNNING.value,
+                        sa.and_(RUNS.c.status == StepStatus.UNKNOWN.value,
+                                RUNS.c.finished_at.is_(None)),
+                    ),
+                    RUNS.c.lease_expires_at <= self.db_now(),
                 )
-                .values(status=StepStatus.UNKNOWN.value, lease_expires_at=None)
+                .values(status=StepStatus.UNKNOWN.value, lease_expires_at=self.db_in(lease),
+                        deliveries=RUNS.c.deliveries + 1)
                 .returning(*RUNS.c)
             ).first()
             if row is None:
-                return False
-            conn.execute(sa.delete(OUTBOX).where(OUTBOX.c.step_run_id == run_id))
+                return None
             tl = Timeline(saga_id, now, worker=worker)
             run = step_run_record(row)
             tl.run_event(run, "outcome_unknown", f"lease held by {run.worker} expired")
             tl.flush(conn)
-        return True
+        return run
 
-    def extend_lease(self, saga_id: str, run_id: int, *, worker: str, lease: float) -> bool:
-        """A long step's heartbeat: its lease now ends ``lease`` seconds from now."""
-        now = self.clock()
-        with self.engine.begin() as conn:
+    def extend_lease(
+        self, saga_id: str, run_id: int, *, worker: str, token: int, lease: float,
+        hard_limit: float | None = None,
+    ) -> bool:
+        """A long step's heartbeat: its lease now ends ``lease`` seconds from now.
+
+        Only the live attempt may extend it: the run still running, under this worker and
+        delivery, its lease not yet lapsed. ``hard_limit`` (seconds from the start) bounds
+        the whole attempt: past it the lease runs out however often the step beats.
+        """
+        until = self.db_in(lease)
+        if hard_limit is not None and self.fast:
+            until = sa.func.least(
+                until,
+                RUNS.c.started_at + sa.func.make_interval(0, 0, 0, 0, 0, 0,
+                                                          sa.literal(float(hard_limit))),
+            )
+        with self._write(Write.HEARTBEAT) as conn:
             done = conn.execute(
                 sa.update(RUNS)
                 .where(RUNS.c.id == run_id, RUNS.c.saga_id == saga_id,
-                       RUNS.c.status == StepStatus.RUNNING.value, RUNS.c.worker == worker)
-                .values(lease_expires_at=now + timedelta(seconds=lease))
-            )
-        return done.rowcount == 1
+                       RUNS.c.status == StepStatus.RUNNING.value, RUNS.c.worker == worker,
+                       RUNS.c.deliveries == token,
+                       RUNS.c.lease_expires_at > self.db_now())
+                .values(lease_expires_at=until)
+                .returning(RUNS.c.lease_expires_at > self.db_now())
+            ).first()
+        return done is not None and bool(done[0])
 
     def succeed(
         self,
         saga_id: str,
         run_id: int,
         *,
+        token: int,
         result: Any,
         checkpoint: dict[str, Any] | None,
         next_run: NewRun | None,
@@ -295,23 +338,23 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
                 and expected is StepStatus.RUNNING and next_run.delay == 0
                 and (self.gate is None or not self.gate.active)):
             outcome = self._retrying(lambda: self._advance_fast(
-                saga_id, run_id, result, checkpoint, next_run, worker, task_id))
+                saga_id, run_id, token, result, checkpoint, next_run, worker, task_id))
             if outcome is not None:
                 return outcome
         if (self.fast and next_run is None and checkpoint is not None
                 and expected is StepStatus.RUNNING):
             finished = self._retrying(lambda: self._finish_fast(
-                saga_id, run_id, result, checkpoint, worker, task_id))
+                saga_id, run_id, token, result, checkpoint, worker, task_id))
             if finished is not None:
                 return finished
 
         def op(conn: sa.Connection, saga: SagaRecord, tl: Timeline) -> list[Dispatch]:
+            run = self._finish_run(conn, run_id, token, expected, StepStatus.SUCCEEDED, tl,
+                                   message, result=result)
             if checkpoint is not None:
                 conn.execute(
                     sa.update(SAGAS).where(SAGAS.c.id == saga_id).values(checkpoint=checkpoint)
                 )
-            run = self._finish_run(conn, run_id, expected, StepStatus.SUCCEEDED, tl, message,
-                                   result=result)
             if run.direction is Direction.COMPENSATE:
                 # The compensation undid what its step created.
                 conn.execute(
@@ -328,27 +371,27 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
                 return self._schedule(conn, saga, next_run, tl)[1]
             return self._transition(conn, saga, "finish", tl, finished=True)[1]
 
-        return self._on_saga(saga_id, op, worker, task_id)
+        return self._on_saga(Write.SUCCEED, saga_id, op, worker, task_id)
 
     def _advance_fast(
-        self, saga_id: str, run_id: int, result: Any, checkpoint: dict[str, Any], new: NewRun,
-        worker: str | None, task_id: str | None,
+        self, saga_id: str, run_id: int, token: int, result: Any, checkpoint: dict[str, Any],
+        new: NewRun, worker: str | None, task_id: str | None,
     ) -> Outcome | None:
-        with self.autocommit.connect() as conn:
+        with self._write(Write.SUCCEED, autocommit=True) as conn:
             dispatch = hotpath.advance(conn, saga_id, run_id, result=result,
                                        checkpoint=checkpoint, new=new, worker=worker,
-                                       task_id=task_id, now=self.clock())
+                                       task_id=task_id, now=self.clock(), token=token)
         if dispatch is None:
             return None  # a guard failed and nothing was written: the general path decides
         return Outcome(True, SagaState.RUNNING, [dispatch])
 
     def _finish_fast(
-        self, saga_id: str, run_id: int, result: Any, checkpoint: dict[str, Any],
+        self, saga_id: str, run_id: int, token: int, result: Any, checkpoint: dict[str, Any],
         worker: str | None, task_id: str | None,
     ) -> Outcome | None:
-        with self.autocommit.connect() as conn:
+        with self._write(Write.SUCCEED, autocommit=True) as conn:
             done = hotpath.finish(conn, saga_id, run_id, result=result, checkpoint=checkpoint,
-                                  worker=worker, task_id=task_id, now=self.clock())
+                                  worker=worker, task_id=task_id, now=self.clock(), token=token)
         if not done:
             return None  # a guard failed and nothing was written: the general path decides
         state = next_state("*", SagaState.RUNNING, "finish")
@@ -359,6 +402,7 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
         saga_id: str,
         run_id: int,
         *,
+        token: int,
         error: str,
         error_type: str,
         failure: str,
@@ -374,17 +418,16 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
         """Record a failed run, the ladder rungs it climbed, and apply the decision."""
 
         def op(conn: sa.Connection, saga: SagaRecord, tl: Timeline) -> list[Dispatch]:
+            run = self._finish_run(conn, run_id, token, expected, status, tl, error,
+                                   {"then": then.value, "failure": failure},
+                                   error=error, error_type=error_type, failure=failure)
             if checkpoint is not None:  # a refresh re-read the world into it
                 conn.execute(
                     sa.update(SAGAS).where(SAGAS.c.id == saga_id).values(checkpoint=checkpoint)
                 )
-            run = self._finish_run(conn, run_id, expected, status, tl, error,
-                                   {"then": then.value, "failure": failure},
-                                   error=error, error_type=error_type, failure=failure)
             for rung in rungs:
-                mark = "" if rung.applicable else " (not applicable)"
                 tl.add("ladder.rung", step=run.step, run_id=run.id,
-                       message=f"rung {rung.level}: {rung.action}{mark}: {rung.reason}",
+                       message=rung_text(rung),
                        data={"level": rung.level, "applicable": rung.applicable,
                              "action": rung.action, "reason": rung.reason,
                              "direction": run.direction.value})
@@ -401,12 +444,13 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
             return self._transition(conn, saga, "escalate", tl,
                                     error=f"{run.step} ({run.direction.value}) failed: {error}")[1]
 
-        return self._on_saga(saga_id, op, worker, task_id)
+        return self._on_saga(Write.FAIL, saga_id, op, worker, task_id)
 
     def _finish_run(
         self,
         conn: sa.Connection,
         run_id: int,
+        token: int,
         expected: StepStatus,
         status: StepStatus,
         tl: Timeline,
@@ -414,14 +458,19 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
         data: dict[str, Any] | None = None,
         **values: Any,
     ) -> StepRunRecord:
+        """The attempt's outcome, guarded: the run still ``expected``, still this delivery's
+        (a zombie, whose run was taken over, loses), and not yet resolved."""
         row = conn.execute(
             sa.update(RUNS)
-            .where(RUNS.c.id == run_id, RUNS.c.status == expected.value)
+            .where(RUNS.c.id == run_id, RUNS.c.status == expected.value,
+                   RUNS.c.deliveries == token, RUNS.c.finished_at.is_(None))
             .values(status=status.value, finished_at=tl.now, lease_expires_at=None, **values)
             .returning(*RUNS.c)
         ).first()
         if row is None:
-            raise Lost(f"run {run_id} is no longer {expected.value}")
+            raise Lost(f"run {run_id} is no longer {expected.value} under delivery {token}")
+        # A recovery message the lease sweep wrote meanwhile goes with the attempt.
+        conn.execute(sa.delete(OUTBOX).where(OUTBOX.c.step_run_id == run_id))
         run = step_run_record(row)
         tl.run_event(run, status.value, message, data)
         return run
@@ -462,11 +511,14 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
                 idempotency_key=failed.idempotency_key,
                 compensate_task=failed.compensate_task,
                 tier=None,
+                # A denial of the retried step must page, not undo what came before the pivot.
+                after_pivot=self.gate is not None
+                and self.gate.after_pivot(saga.name, failed.step),
                 reason=f"retried by {by}",
             )
             return resolved + self._schedule(conn, saga, again, tl)[1]
 
-        return self._operator(saga_id, op)
+        return self._operator(Write.RETRY, saga_id, op)
 
     def resolve(self, saga_id: str, *, by: str, note: str) -> Outcome:
         """needs_human → resolved: a human has put things right. Resolves the page."""
@@ -477,14 +529,12 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
                                     note=f"resolved by {by}: {note}")
             return resolved + self._transition(conn, saga, "resolve", tl, finished=True)[1]
 
-        return self._operator(saga_id, op)
+        return self._operator(Write.RESOLVE, saga_id, op)
 
-    def _operator(
-        self, saga_id: str, op: Any
-    ) -> Outcome:
+    def _operator(self, name: Write, saga_id: str, op: Any) -> Outcome:
         if self.get_saga(saga_id) is None:
             raise UnknownSagaError(f"no saga with id {saga_id!r}", saga_id=saga_id)
-        return self._on_saga(saga_id, op, worker="operator")
+        return self._on_saga(name, saga_id, op, worker="operator")
 
     def _escalated_from(self, conn: sa.Connection, saga_id: str) -> str | None:
         data = conn.execute(

@@ -184,3 +184,14 @@ class Outcome:
     dispatches: list[Dispatch] = field(default_factory=list)
     note: str = ""
     entered: SagaState | None = None  # the state this write moved the saga into, if any
+
+
+@dataclass(frozen=True)
+class Stranded:
+    """A saga that is not finished and has no way forward (DESIGN §4.13), and why."""
+
+    saga_id: str
+    name: str
+    state: SagaState
+    reason: str
+    updated_at: datetime

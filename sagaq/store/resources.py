@@ -6,8 +6,10 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
+from sagaq.machine import StepStatus
 from sagaq.store.base import StoreBase
-from sagaq.store.models import OUTBOX, RESOURCES
+from sagaq.store.faults import Write
+from sagaq.store.models import OUTBOX, RESOURCES, RUNS, UTCDateTime
 from sagaq.store.records import Dispatch, ResourceRecord
 from sagaq.store.timeline import Timeline, resource_record
 
@@ -16,19 +18,31 @@ RELEASING_LEASE = timedelta(seconds=300)  # a releaser that died is retried afte
 
 class Resources(StoreBase):
     def register_resource(
-        self, saga_id: str, run_id: int, step: str, kind: str, external_id: str
+        self, saga_id: str, run_id: int, step: str, kind: str, external_id: str,
+        *, token: int | None = None,
     ) -> bool:
         """Record, and commit at once, that a step created ``kind`` ``external_id``.
 
         Committed before the step returns, so a worker killed right after creating the
         resource still leaves its trace. Registering the same resource twice is a no-op.
+        With ``token`` (the attempt's delivery), only the live attempt registers: a zombie,
+        whose run was taken over or whose saga moved on, writes nothing.
         """
         now = self.clock()
-        with self.engine.begin() as conn:
-            stmt = self._insert(conn)(RESOURCES).values(
-                saga_id=saga_id, step=step, step_run_id=run_id, kind=kind,
-                external_id=external_id, status="held", attempts=0,
-                created_at=now, updated_at=now,
+        with self._write(Write.RESOURCE) as conn:
+            values = sa.select(
+                sa.literal(saga_id), sa.literal(step), sa.literal(run_id), sa.literal(kind),
+                sa.literal(external_id), sa.literal("held"), sa.literal(0),
+                sa.literal(now, UTCDateTime()), sa.literal(now, UTCDateTime()),
+            )
+            if token is not None:
+                values = values.where(sa.exists().where(
+                    RUNS.c.id == run_id, RUNS.c.status == StepStatus.RUNNING.value,
+                    RUNS.c.deliveries == token, RUNS.c.lease_expires_at > self.db_now(),
+                ))
+            stmt = self._insert(conn)(RESOURCES).from_select(
+                ["saga_id", "step", "step_run_id", "kind", "external_id", "status", "attempts",
+                 "created_at", "updated_at"], values,
             ).on_conflict_do_nothing()
             new = conn.execute(stmt.returning(RESOURCES.c.id)).scalar() is not None
             if new:
@@ -48,7 +62,7 @@ class Resources(StoreBase):
     def begin_release(self, resource_id: int) -> ResourceRecord | None:
         """releasing (fresh, or stale) → claimed by this releaser; None if someone has it."""
         now = self.clock()
-        with self.engine.begin() as conn:
+        with self._write(Write.BEGIN_RELEASE) as conn:
             row = conn.execute(
                 sa.update(RESOURCES)
                 .where(
@@ -56,11 +70,11 @@ class Resources(StoreBase):
                     RESOURCES.c.status == "releasing",
                     sa.or_(
                         RESOURCES.c.attempts == 0,
-                        RESOURCES.c.updated_at < now - RELEASING_LEASE,
+                        RESOURCES.c.updated_at < self.db_in(-RELEASING_LEASE.total_seconds()),
                         # a retry scheduled by end_release: its outbox row is due
                         sa.exists().where(
                             OUTBOX.c.resource_id == RESOURCES.c.id,
-                            OUTBOX.c.available_at <= now,
+                            OUTBOX.c.available_at <= self.db_now(),
                         ),
                     ),
                 )
@@ -71,17 +85,30 @@ class Resources(StoreBase):
 
     def end_release(
         self, res: ResourceRecord, *, released: bool, error: str | None = None,
-        retry_in: float | None = None,
+        retry_in: float | None = None, durable: bool = False,
     ) -> list[Dispatch]:
-        """released | failed (the caller pages) | a retry in ``retry_in`` seconds."""
+        """released | failed (the caller pages) | a retry in ``retry_in`` seconds.
+
+        Fenced by the attempt: a releaser whose attempt was taken over records nothing.
+        """
         now = self.clock()
-        with self.engine.begin() as conn:
+        with self._write(Write.END_RELEASE) as conn:
             tl = Timeline(res.saga_id, now)
+            mine = conn.execute(
+                sa.update(RESOURCES)
+                .where(RESOURCES.c.id == res.id, RESOURCES.c.status == "releasing",
+                       RESOURCES.c.attempts == res.attempts)
+                .values(updated_at=now)
+                .returning(RESOURCES.c.id)
+            ).first()
+            if mine is None:
+                return []
             row = conn.execute(sa.select(OUTBOX).where(OUTBOX.c.resource_id == res.id)).first()
             if retry_in is not None and row is not None:
                 conn.execute(
                     sa.update(OUTBOX).where(OUTBOX.c.id == row.id)
-                    .values(available_at=now + timedelta(seconds=retry_in))
+                    .values(available_at=now + timedelta(seconds=retry_in), republished_at=None,
+                            republished=0)
                 )
                 conn.execute(
                     sa.update(RESOURCES).where(RESOURCES.c.id == res.id)
@@ -91,6 +118,8 @@ class Resources(StoreBase):
                        message=f"{res.kind} {res.external_id}: {error}; again in {retry_in:.1f}s",
                        data={"kind": res.kind, "id": res.external_id, "attempt": res.attempts})
                 tl.flush(conn)
+                if durable:  # too long for a countdown: published by the reconciler when due
+                    return []
                 return [Dispatch(row.task_name, (row.args[0], row.args[1]), row.message_id,
                                  retry_in)]
             conn.execute(sa.delete(OUTBOX).where(OUTBOX.c.resource_id == res.id))

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sagaq.machine import SagaState, StepStatus
 from sagaq.notify.base import Action, Kind
 from sagaq.store.base import RELEASE_TASK, StoreBase
+from sagaq.store.faults import Write
 from sagaq.store.models import OUTBOX, RESOURCES, RUNS, SAGAS
 from sagaq.store.records import Dispatch, SagaRecord
 from sagaq.store.timeline import Timeline, saga_record, step_run_record
@@ -28,12 +29,12 @@ def _lock_key(name: str) -> int:
 
 class Sweeps(StoreBase):
     def _sweep(
-        self, name: str, body: Callable[[sa.Connection], list[Dispatch]]
+        self, name: Write, body: Callable[[sa.Connection], list[Dispatch]]
     ) -> list[Dispatch]:
-        with self.engine.begin() as conn:
+        with self._write(name) as conn:
             if conn.dialect.name == "postgresql":
                 got = conn.execute(
-                    sa.select(sa.func.pg_try_advisory_xact_lock(_lock_key(name)))
+                    sa.select(sa.func.pg_try_advisory_xact_lock(_lock_key(name.value)))
                 ).scalar()
                 if not got:
                     return []  # another reconciler is running this sweep right now
@@ -47,7 +48,9 @@ class Sweeps(StoreBase):
             out: list[Dispatch] = []
             rows = conn.execute(
                 sa.select(SAGAS)
-                .where(SAGAS.c.state == SagaState.WAITING.value, SAGAS.c.wake_at <= now)
+                .where(SAGAS.c.state.in_([SagaState.WAITING.value,
+                                          SagaState.COMPENSATING.value]),
+                       SAGAS.c.wake_at <= self.db_now())
                 .order_by(SAGAS.c.wake_at)
                 .limit(batch)
                 .with_for_update(skip_locked=True)
@@ -55,7 +58,12 @@ class Sweeps(StoreBase):
             for row in rows:
                 saga: SagaRecord = saga_record(row)
                 tl = Timeline(saga.id, now, worker="reconciler")
-                self._transition(conn, saga, "wake", tl)
+                if saga.state is SagaState.WAITING:
+                    self._transition(conn, saga, "wake", tl)
+                else:  # a rollback's compensation whose backoff waited in Postgres
+                    conn.execute(sa.update(SAGAS).where(SAGAS.c.id == saga.id)
+                                 .values(wake_at=None, updated_at=now))
+                    tl.add("rollback.woken", message="the compensation's backoff is over")
                 due = conn.execute(
                     sa.select(OUTBOX)
                     .join(RUNS, RUNS.c.id == OUTBOX.c.step_run_id)
@@ -71,7 +79,7 @@ class Sweeps(StoreBase):
                 tl.flush(conn)
             return out
 
-        return self._sweep("wake", body)
+        return self._sweep(Write.WAKE, body)
 
     def republish_overdue(self, grace: float, batch: int = 500) -> list[Dispatch]:
         """Outbox rows whose message should have been consumed by now: publish them again.
@@ -83,38 +91,52 @@ class Sweeps(StoreBase):
 
         def body(conn: sa.Connection) -> list[Dispatch]:
             now = self.clock()
-            cutoff = now - timedelta(seconds=grace)
-            waiting = sa.exists().where(
+            db_now = self.db_now()
+            # Only a step run's message waits with its saga; a notice (the approval request
+            # itself) is always sent.
+            held = sa.and_(OUTBOX.c.step_run_id.is_not(None), sa.exists().where(
                 SAGAS.c.id == OUTBOX.c.saga_id,
-                SAGAS.c.state.in_([SagaState.WAITING.value, SagaState.AWAITING_APPROVAL.value]),
-            )
+                sa.or_(
+                    SAGAS.c.state.in_([SagaState.WAITING.value,
+                                       SagaState.AWAITING_APPROVAL.value]),
+                    SAGAS.c.wake_at > db_now,
+                ),
+            ))
+            # The backoff is in the query, not applied afterwards: rows in backoff never
+            # take the batch's places from a newer lost message.
+            wait = sa.func.least(grace * sa.func.power(2, sa.func.least(OUTBOX.c.republished,
+                                                                        12)), 3600.0)
+            again_at = OUTBOX.c.republished_at + sa.func.make_interval(0, 0, 0, 0, 0, 0, wait)
             rows = conn.execute(
                 sa.select(OUTBOX)
                 .where(
-                    OUTBOX.c.available_at <= cutoff,
-                    sa.or_(OUTBOX.c.republished_at.is_(None), OUTBOX.c.republished_at <= cutoff),
-                    ~waiting,
+                    OUTBOX.c.available_at <= self.db_in(-grace),
+                    sa.or_(OUTBOX.c.republished_at.is_(None), again_at <= db_now),
+                    ~held,
                 )
-                .order_by(OUTBOX.c.available_at)
+                .order_by(sa.func.coalesce(OUTBOX.c.republished_at, OUTBOX.c.available_at))
                 .limit(batch)
                 .with_for_update(skip_locked=True)
             ).all()
             out: list[Dispatch] = []
             for r in rows:
-                backoff = min(grace * 2 ** min(r.republished, 12), 3600.0)
-                if r.republished_at is not None and r.republished_at > now - timedelta(
-                    seconds=backoff
-                ):
-                    continue
                 conn.execute(
                     sa.update(OUTBOX)
                     .where(OUTBOX.c.id == r.id)
-                    .values(republished_at=now, republished=OUTBOX.c.republished + 1)
+                    .values(republished_at=now if self.fixed_clock else sa.func.now(),
+                            republished=OUTBOX.c.republished + 1)
                 )
                 out.append(Dispatch(r.task_name, (r.args[0], r.args[1]), r.message_id))
+                if r.saga_id is not None and r.step_run_id is not None:
+                    tl = Timeline(r.saga_id, now, worker="reconciler")
+                    tl.add("outbox.republished", message=f"{r.task_name}: no worker took the "
+                           f"message within {grace:g}s; published again "
+                           f"(#{r.republished + 1})",
+                           data={"step_run_id": r.step_run_id, "times": r.republished + 1})
+                    tl.flush(conn)
             return out
 
-        return self._sweep("republish", body)
+        return self._sweep(Write.REPUBLISH, body)
 
     def expired_leases(self, batch: int = 500) -> list[Dispatch]:
         """Running step runs whose lease expired (the worker died): send a worker to find out.
@@ -129,8 +151,10 @@ class Sweeps(StoreBase):
             rows = conn.execute(
                 sa.select(RUNS)
                 .where(
-                    RUNS.c.status == StepStatus.RUNNING.value,
-                    RUNS.c.lease_expires_at <= now,
+                    sa.or_(RUNS.c.status == StepStatus.RUNNING.value,
+                           sa.and_(RUNS.c.status == StepStatus.UNKNOWN.value,
+                                   RUNS.c.finished_at.is_(None))),
+                    RUNS.c.lease_expires_at <= self.db_now(),
                     ~has_row,
                 )
                 .order_by(RUNS.c.lease_expires_at)
@@ -149,18 +173,25 @@ class Sweeps(StoreBase):
                 out.append(dispatch)
             return out
 
-        return self._sweep("leases", body)
+        return self._sweep(Write.LEASES, body)
 
     def stalled_rollbacks(self, deadline: float, batch: int = 100) -> list[Dispatch]:
         """Rollbacks that made no progress for ``deadline`` seconds: a human is paged."""
 
         def body(conn: sa.Connection) -> list[Dispatch]:
             now = self.clock()
+            live = sa.exists().where(   # a long compensation under a live lease is progress
+                RUNS.c.saga_id == SAGAS.c.id,
+                RUNS.c.status.in_([StepStatus.RUNNING.value, StepStatus.UNKNOWN.value]),
+                RUNS.c.lease_expires_at > self.db_now(),
+            )
             rows = conn.execute(
                 sa.select(SAGAS)
                 .where(
                     SAGAS.c.state == SagaState.COMPENSATING.value,
                     SAGAS.c.updated_at <= now - timedelta(seconds=deadline),
+                    sa.or_(SAGAS.c.wake_at.is_(None), SAGAS.c.wake_at <= self.db_now()),
+                    ~live,
                 )
                 .order_by(SAGAS.c.updated_at)
                 .limit(batch)
@@ -182,7 +213,7 @@ class Sweeps(StoreBase):
                 tl.flush(conn)
             return out
 
-        return self._sweep("stalled", body)
+        return self._sweep(Write.STALLED, body)
 
     def orphans(self, batch: int = 100) -> list[Dispatch]:
         """Resources left held by sagas that ended without undoing them: release them."""
@@ -212,12 +243,12 @@ class Sweeps(StoreBase):
                 tl.flush(conn)
             return out
 
-        return self._sweep("orphans", body)
+        return self._sweep(Write.ORPHANS, body)
 
     def page_release_failure(self, saga_id: str, kind: str, external_id: str) -> list[Dispatch]:
         """A resource that could not be released: one page, a new incident of the saga."""
         now = self.clock()
-        with self.engine.begin() as conn:
+        with self._write(Write.PAGE_RELEASE) as conn:
             row = conn.execute(
                 sa.update(SAGAS)
                 .where(SAGAS.c.id == saga_id)

@@ -323,9 +323,10 @@ def test_sigkill_after_the_effect_landed_is_resolved_by_verify_and_recorded_once
     assert state(rt, saga_id) is SagaState.COMPLETED, timeline(rt, saga_id)
     assert total(summaries, "expired") == 1  # one lease expired, sent to a worker once
 
-    # The same run, found out by verify: no second attempt, the action ran once.
+    # The same run, found out by verify: no second attempt, the action ran once. The
+    # resolver's takeover is the run's second delivery (its fence against the first).
     (a,) = runs(rt, saga_id, "a")
-    assert (a.attempt, a.status, a.deliveries) == (1, OK, 1)
+    assert (a.attempt, a.status, a.deliveries) == (1, OK, 2)
     story = events_of(rt, saga_id, a.id)
     assert [e.kind for e in story] == [
         "step.scheduled", "step.claimed", "step.lease_expired", "step.outcome_unknown",
@@ -597,8 +598,9 @@ def test_a_step_that_kills_its_worker_every_time_is_parked_after_n_deliveries(cr
     assert 1 <= total(summaries, "expired") <= n
 
     forward = runs(rt, saga_id, "b")
+    # Each run: its own delivery, then the resolver's takeover (the fence against a zombie).
     assert [(r.attempt, r.status, r.deliveries) for r in forward] == [
-        (i, UNKNOWN, 1) for i in range(1, n + 1)
+        (i, UNKNOWN, 2) for i in range(1, n + 1)
     ]
     assert len({r.idempotency_key for r in forward}) == 1
     assert f"parked after {n} deliveries" in (forward[-1].error or "")
@@ -632,19 +634,30 @@ def test_a_step_that_kills_its_worker_every_time_is_parked_after_n_deliveries(cr
 # -- 7. Heartbeats keep a long step's lease alive --------------------------------------------
 
 
-@pytest.mark.parametrize("beating", [True, False], ids=["heartbeat", "no-heartbeat"])
-def test_a_step_that_heartbeats_outlives_its_lease_without_being_expired(crash, beating):
-    """The lease is 1.5 s, the step works 3.5 s; the reconciler runs all along.
+@pytest.mark.parametrize("mode", ["heartbeat", "auto", "hard_limit"])
+def test_a_step_that_runs_past_its_lease_keeps_it_while_it_runs_up_to_its_hard_limit(
+    crash, mode, monkeypatch
+):
+    """The step works 3.5 s; the reconciler runs all along, on an in-process threads-pool
+    worker, which enforces no time limit, so the step may outlive its lease.
 
-    Runs on an in-process threads-pool worker, which enforces no time limit, so the step may
-    outlive its lease. The variant without heartbeats shows that the reconciler would
-    otherwise have expired it.
+    ``heartbeat``: a 1.5 s lease (timeout 10 s), the step calls ``ctx.heartbeat()``: never
+    expired. ``auto``: the same without calling it: sagaq's own heartbeat keeps the lease
+    while the step really runs (issue 10, fault 7). ``hard_limit``: a 1 s timeout: past
+    timeout + margin the lease lapses however often the step beats, the outcome is unknown,
+    and ``verify`` decides (the effect is recorded once).
     """
-    crash.configure(step_timeout=1.0, lease_margin=0.5)
+    from sagaq import engine as engine_module
+
+    if mode == "hard_limit":
+        crash.configure(step_timeout=1.0, lease_margin=0.5)
+    else:
+        monkeypatch.setattr(engine_module, "LEASE_MAX", 1.0)  # leases of 1.5 s
+        crash.configure(step_timeout=10.0, lease_margin=0.5)
     rt = crash.runtime()
-    mode = "heartbeat:3.5" if beating else "sleep:3.5"
+    work = "sleep:3.5" if mode == "auto" else "heartbeat:3.5"
     with embedded_worker(rt.app, concurrency=2, hostname=f"{crash.label}@test"):
-        saga_id = rt.engine.enqueue("crash_trio", {"crash": {"a": mode}})
+        saga_id = rt.engine.enqueue("crash_trio", {"crash": {"a": work}})
         summaries = reconcile_until(rt, "the saga to complete", settled(rt, saga_id))
         wait_for("a's first run to return", lambda: (saga_id, "a", 1) in crash_sagas.returned)
 
@@ -653,16 +666,19 @@ def test_a_step_that_heartbeats_outlives_its_lease_without_being_expired(crash, 
     story = [e.kind for e in events_of(rt, saga_id, a.id)]
     assert len(calls(crash.standin, saga_id, "a")) == 1  # the action ran once either way
     assert effects(crash.standin, saga_id) == ["a", "b", "c"]
-    if beating:
+    if mode != "hard_limit":
         assert story == ["step.scheduled", "step.claimed", "step.succeeded"]
         assert total(summaries, "expired") == 0
+        assert (a.attempt, a.deliveries) == (1, 1)
+    if mode == "heartbeat":
         beats = crash_sagas.beats.pop(saga_id)
         assert len(beats) >= 2 and all(beats)  # every heartbeat extended the lease
-        assert (a.attempt, a.deliveries) == (1, 1)
-    else:
+    if mode == "hard_limit":
         assert story == ["step.scheduled", "step.claimed", "step.lease_expired",
-                         "step.outcome_unknown", "step.succeeded"]
+                         "step.outcome_unknown", "step.succeeded"], story
         assert total(summaries, "expired") == 1
+        beats = crash_sagas.beats.pop(saga_id)
+        assert beats[0] is True and beats[-1] is False  # past the limit, beating loses
         assert rt.store.events(saga_id)[-1].kind == "saga.completed"
 
 

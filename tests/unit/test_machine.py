@@ -27,6 +27,7 @@ def test_table_is_the_documented_lifecycle() -> None:
         ("finish", S.RUNNING): S.COMPLETED,
         ("wait", S.RUNNING): S.WAITING,
         ("wake", S.WAITING): S.RUNNING,
+        ("request_approval", S.PENDING): S.AWAITING_APPROVAL,  # the first step needs a human
         ("request_approval", S.RUNNING): S.AWAITING_APPROVAL,
         ("request_approval", S.COMPENSATING): S.AWAITING_APPROVAL,  # a gated compensation
         ("approve", S.AWAITING_APPROVAL): S.RUNNING,
@@ -67,7 +68,7 @@ def test_every_other_move_is_illegal(trigger: str, state: SagaState) -> None:
 
 def test_complement_is_exhaustive() -> None:
     assert len(LEGAL) + len(ILLEGAL) == len(TRIGGERS) * len(SagaState)
-    assert len(LEGAL) == 21
+    assert len(LEGAL) == 22
 
 
 @pytest.mark.parametrize("trigger", ["bogus", "to_running", "to_completed", "START"])
@@ -131,7 +132,8 @@ def test_no_auto_transitions(state: SagaState) -> None:
 
 
 def test_pending_triggers_exactly() -> None:
-    assert sorted(machine_for("x").get_triggers("pending")) == ["rollback", "start"]
+    assert sorted(machine_for("x").get_triggers("pending")) == ["request_approval", "rollback",
+                                                                "start"]
 
 
 # -- the diagram -------------------------------------------------------------------------
