@@ -14,6 +14,9 @@ What a step does is chosen by the saga input: ``{"crash": {"<step>": "<mode>"}}`
 ``sleep:N``            first attempt: the effect lands, then the step takes N more seconds
 ``heartbeat:N``        first attempt: the effect lands, then N seconds of work, calling
                        ``ctx.heartbeat()`` every 0.2 s
+``stopped:N``          first attempt: the effect lands, N seconds of work (the test
+                       SIGSTOPs the worker meanwhile), then one heartbeat, whose answer
+                       is reported to the stand-in as op ``late:True|False``
 ``fail``               a terminal failure before any effect
 
 ``{"undo": {"<step>": "hang_after_effect"}}`` does the same to the step's compensation.
@@ -69,6 +72,13 @@ def _forward(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
         time.sleep(HANG)
     elif ctx.attempt == 1 and mode.startswith("sleep:"):
         time.sleep(float(mode.split(":", 1)[1]))
+    elif ctx.attempt == 1 and mode.startswith("stopped:"):
+        until = time.monotonic() + float(mode.split(":", 1)[1])
+        while time.monotonic() < until:  # a SIGSTOP stops this clock too: it runs on after
+            time.sleep(0.2)
+        alive = ctx.heartbeat()  # after SIGCONT: a zombie's heartbeat must lose
+        apply(url(), key=f"{ctx.key}:late", saga_id=ctx.saga_id, step=ctx.step,
+              direction=ctx.direction.value, op=f"late:{alive}", attempt=ctx.attempt)
     elif ctx.attempt == 1 and mode.startswith("heartbeat:"):
         until = time.monotonic() + float(mode.split(":", 1)[1])
         while time.monotonic() < until:

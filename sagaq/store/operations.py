@@ -279,14 +279,15 @@ class Store(Approvals, Liveness, Notices, Resources, Sweeps, Views):
                     RUNS.c.lease_expires_at <= self.db_now(),
                 )
                 .values(status=StepStatus.UNKNOWN.value, lease_expires_at=self.db_in(lease),
-                        deliveries=RUNS.c.deliveries + 1)
+                        deliveries=RUNS.c.deliveries + 1, worker=worker)
                 .returning(*RUNS.c)
             ).first()
             if row is None:
                 return None
             tl = Timeline(saga_id, now, worker=worker)
             run = step_run_record(row)
-            tl.run_event(run, "outcome_unknown", f"lease held by {run.worker} expired")
+            tl.run_event(run, "outcome_unknown", f"lease expired; {worker} finds out what "
+                         "happened")
             tl.flush(conn)
         return run
 

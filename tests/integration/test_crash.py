@@ -802,3 +802,43 @@ def test_sagaq_worker_with_a_step_past_the_visibility_timeout_exits_1_with_one_l
     assert "step crash_overlong.crawl may run 51s" in lines[0]
     assert "SAGAQ_VISIBILITY_TIMEOUT=40s" in lines[0]
 
+
+
+# -- 10. A worker SIGSTOPped past its lease and the visibility timeout, then resumed ---------
+
+
+def test_a_worker_stopped_past_its_lease_and_the_visibility_timeout_loses_its_late_writes(
+    crash,
+):
+    """SIGSTOP the prefork worker (parent and child) while its step works, past the lease
+    (4 s) and the broker's visibility timeout (8 s); a rescuer resolves the run by verify;
+    SIGCONT: the stopped attempt's heartbeat and result lose, the effect counts once."""
+    crash.configure(visibility_timeout=8.0)
+    rt = crash.runtime()
+    stopped = crash.start_worker("stopped", concurrency=1)
+    saga_id = rt.engine.enqueue("crash_trio", {"crash": {"a": "stopped:1.5"}})
+    wait_for("a's effect", lambda: len(calls(crash.standin, saga_id, "a")) == 1,
+             logs=crash.worker_logs)
+    os.killpg(stopped.pid, signal.SIGSTOP)
+    try:
+        time.sleep(9.0)  # past the lease and the visibility timeout, while it is stopped
+        crash.start_worker("rescuer")
+        reconcile_until(rt, "the saga to settle", settled(rt, saga_id), logs=crash.worker_logs)
+        assert state(rt, saga_id) is SagaState.COMPLETED, timeline(rt, saga_id)
+        (a,) = runs(rt, saga_id, "a")
+        assert a.status is OK and a.worker.startswith("rescuer@crash/"), a
+    finally:
+        os.killpg(stopped.pid, signal.SIGCONT)
+    wait_for("the stopped attempt to wake and beat", lambda: any(
+        c["op"].startswith("late:") for c in calls(crash.standin, saga_id, "a", op=None)),
+        logs=crash.worker_logs)
+    late = [c["op"] for c in calls(crash.standin, saga_id, "a", op=None)
+            if c["op"].startswith("late:")]
+    assert late == ["late:False"]  # its heartbeat lost: the run is not its own any more
+    time.sleep(1.0)  # its result write comes right after the beat; it must lose
+    (again,) = runs(rt, saga_id, "a")
+    assert (again.status, again.worker, again.finished_at) == (OK, a.worker, a.finished_at)
+    landed = [c["step"] for c in calls(crash.standin, saga_id)
+              if not c["replay"] and not c["op"].startswith("late:")]
+    assert landed == ["a", "b", "c"]  # every effect once
+    assert state(rt, saga_id) is SagaState.COMPLETED

@@ -32,10 +32,10 @@ def url(make_database: Callable[[str], str]) -> str:
     return make_database("faults")
 
 
-@pytest.fixture
-def driver(url: str) -> Iterator[Driver]:
+@pytest.fixture(params=[True], ids=["gated"])
+def driver(url: str, request: pytest.FixtureRequest) -> Iterator[Driver]:
     world.reset()
-    d = make_driver(url, Faults())
+    d = make_driver(url, Faults(), gated=request.param)
     with d.store.engine.begin() as conn:  # each test on empty tables
         conn.execute(sa.text("TRUNCATE sagaq_sagas, sagaq_step_runs, sagaq_events, "
                              "sagaq_outbox, sagaq_notifications, sagaq_resources, "
@@ -443,6 +443,8 @@ def test_expire_refuses_a_live_lease(driver: Driver) -> None:
     assert driver.store.expire(saga_id, run_id, worker="w2", lease=6.0) is not None
 
 
+@pytest.mark.parametrize("driver", [True, False], ids=["gated", "one_statement"],
+                         indirect=True)
 def test_a_step_that_succeeds_after_its_saga_began_to_roll_back_schedules_no_next_step(
     driver: Driver,
 ) -> None:
