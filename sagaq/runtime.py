@@ -123,11 +123,8 @@ class Runtime:
                 return "retry"
             if isinstance(exc, KeyError):
                 error = f"no @{saga.name}.releaser({res.kind!r}) is defined"
-            self.store.end_release(res, released=False, error=error)
-            self.engine.publish_now(
-                self.store.page_release_failure(saga.id, res.kind, res.external_id),
-                Write.PAGE_RELEASE,
-            )
+            self.engine.publish_now(self.store.end_release(res, released=False, error=error),
+                                    Write.END_RELEASE)
             return "failed (paged)"
         self.store.end_release(res, released=True)
         return "released"

@@ -36,7 +36,6 @@ class Write(str, Enum):
     RESOURCE = "resource"
     BEGIN_RELEASE = "begin_release"
     END_RELEASE = "end_release"
-    PAGE_RELEASE = "page_release"
     WAKE = "wake"
     REPUBLISH = "republish"
     LEASES = "leases"

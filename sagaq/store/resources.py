@@ -7,11 +7,12 @@ from datetime import timedelta
 import sqlalchemy as sa
 
 from sagaq.machine import StepStatus
+from sagaq.notify.base import Action, Kind
 from sagaq.store.base import StoreBase
 from sagaq.store.faults import Write
-from sagaq.store.models import OUTBOX, RESOURCES, RUNS, UTCDateTime
+from sagaq.store.models import OUTBOX, RESOURCES, RUNS, SAGAS, UTCDateTime
 from sagaq.store.records import Dispatch, ResourceRecord
-from sagaq.store.timeline import Timeline, resource_record
+from sagaq.store.timeline import Timeline, resource_record, saga_record
 
 RELEASING_LEASE = timedelta(seconds=300)  # a releaser that died is retried after this
 
@@ -87,7 +88,8 @@ class Resources(StoreBase):
         self, res: ResourceRecord, *, released: bool, error: str | None = None,
         retry_in: float | None = None, durable: bool = False,
     ) -> list[Dispatch]:
-        """released | failed (the caller pages) | a retry in ``retry_in`` seconds.
+        """released | failed, which pages, in the same transaction (a new incident of the
+        saga: a crash between the two must not lose the page) | a retry in ``retry_in`` s.
 
         Fenced by the attempt: a releaser whose attempt was taken over records nothing.
         """
@@ -135,5 +137,22 @@ class Resources(StoreBase):
             tl.add(f"resource.{what}", step=res.step,
                    message=f"{res.kind} {res.external_id}" + (f": {error}" if error else ""),
                    data={"kind": res.kind, "id": res.external_id, "attempt": res.attempts})
+            pages = [] if released else self._page_release(conn, res, tl)
             tl.flush(conn)
-        return []
+        return pages
+
+    def _page_release(self, conn: sa.Connection, res: ResourceRecord,
+                      tl: Timeline) -> list[Dispatch]:
+        """A resource that could not be released: one page, a new incident of the saga."""
+        row = conn.execute(
+            sa.update(SAGAS)
+            .where(SAGAS.c.id == res.saga_id)
+            .values(incident=SAGAS.c.incident + 1, updated_at=tl.now)
+            .returning(*SAGAS.c)
+        ).one()
+        tl.add("ladder.rung", message=f"rung 4: page: {res.kind} {res.external_id} not released",
+               data={"level": 4, "applicable": True, "action": "page",
+                     "reason": f"releasing orphaned {res.kind} {res.external_id} failed",
+                     "direction": "compensate"})
+        return self._notify(conn, saga_record(row), Kind.PAGE, Action.TRIGGER, tl,
+                            note=f"orphaned {res.kind} {res.external_id} could not be released")

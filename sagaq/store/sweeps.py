@@ -15,7 +15,6 @@ from datetime import timedelta
 import sqlalchemy as sa
 
 from sagaq.machine import SagaState, StepStatus
-from sagaq.notify.base import Action, Kind
 from sagaq.store.base import RELEASE_TASK, StoreBase
 from sagaq.store.faults import Write
 from sagaq.store.models import OUTBOX, RESOURCES, RUNS, SAGAS
@@ -244,24 +243,3 @@ class Sweeps(StoreBase):
             return out
 
         return self._sweep(Write.ORPHANS, body)
-
-    def page_release_failure(self, saga_id: str, kind: str, external_id: str) -> list[Dispatch]:
-        """A resource that could not be released: one page, a new incident of the saga."""
-        now = self.clock()
-        with self._write(Write.PAGE_RELEASE) as conn:
-            row = conn.execute(
-                sa.update(SAGAS)
-                .where(SAGAS.c.id == saga_id)
-                .values(incident=SAGAS.c.incident + 1, updated_at=now)
-                .returning(*SAGAS.c)
-            ).one()
-            saga = saga_record(row)
-            tl = Timeline(saga_id, now, worker="reconciler")
-            tl.add("ladder.rung", message=f"rung 4: page: {kind} {external_id} not released",
-                   data={"level": 4, "applicable": True, "action": "page",
-                         "reason": f"releasing orphaned {kind} {external_id} failed",
-                         "direction": "compensate"})
-            pages = self._notify(conn, saga, Kind.PAGE, Action.TRIGGER, tl,
-                                 note=f"orphaned {kind} {external_id} could not be released")
-            tl.flush(conn)
-        return pages

@@ -70,7 +70,10 @@ def test_every_crash_point_of_the_shape_recovers_with_nothing_stranded(
     failures: list[str] = []
     runs = 0
     for point in points:
-        kinds = ["crash"] if point.phase is Phase.PUBLISHED else ["crash", "db_error"]
+        # A database error cannot strike after the publish; at a later occurrence of a
+        # point (a later step's claim, say) one kind of fault is enough.
+        kinds = ["crash"] if point.phase is Phase.PUBLISHED or point.nth > 1 else [
+            "crash", "db_error"]
         for kind in kinds:
             faults = Faults()
             faults.target, faults.kind = point, kind

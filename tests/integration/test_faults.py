@@ -492,3 +492,25 @@ def test_an_operator_retry_while_a_compensation_still_runs_waits_for_it(driver: 
         kinds = conn.execute(sa.select(EVENTS.c.kind).where(EVENTS.c.saga_id == saga_id)
                              .order_by(EVENTS.c.id.desc()).limit(3)).scalars().all()
     assert "compensation.scheduled" not in kinds
+
+
+def test_a_resolver_whose_resolution_was_taken_over_loses_its_outcome(driver: Driver) -> None:
+    """Two resolvers: the first took the run over and stalled (its own lease lapsed), the
+    second took it from the first. Both expect ``unknown``: only the delivery tells them
+    apart, and the first one's verdict must lose."""
+    from sagaq.ladder import Then
+
+    saga_id = driver.engine.enqueue(sweep.bare, {})
+    run_id = int(driver.queue.popleft().args[1])
+    driver.store.claim(saga_id, run_id, worker="w1", task_id=None, lease=6.0)
+    driver.clock.advance(10.0)
+    first = driver.store.expire(saga_id, run_id, worker="r1", lease=6.0)
+    driver.clock.advance(10.0)
+    second = driver.store.expire(saga_id, run_id, worker="r2", lease=6.0)
+    assert first is not None and second is not None
+    late = driver.store.fail(saga_id, run_id, token=first.deliveries, error="late",
+                             error_type="X", failure="transient", then=Then.ESCALATE,
+                             worker="r1", task_id=None, expected=StepStatus.UNKNOWN,
+                             status=StepStatus.UNKNOWN)
+    assert not late.won
+    assert driver.store.get_saga_or_raise(saga_id).state is SagaState.RUNNING
