@@ -6,8 +6,14 @@ It starts subprocess workers and a beat, enqueues a mix of sagas (complete; fail
 compensate; compensation fails → page; after-pivot retries) whose steps write to a stand-in
 service that records every effect by idempotency key, and meanwhile SIGKILLs a random worker
 every few seconds (and restarts it), flushes Redis once, restarts PostgreSQL once, and
-publishes duplicates of a share of the messages. When every saga has settled (or the time
-is up) it prints what it counted, as JSON. Every count but the first four must be zero.
+publishes duplicates of a share of the messages. ``--sigstop N`` stops a worker in the
+middle of a step N times, past its lease and past the visibility timeout, then resumes it
+(its late writes must lose: ``late_writes_won`` counts those that did not).
+``--db-errors RATE`` makes a share RATE of the workers' commits fail with a database error,
+before or after the commit (it needs the store's fault hook, ``sagaq.store.faults``). When
+every saga has settled (or the time is up) it prints what it counted, as JSON, with
+``liveness_violations``: sagas left with no way forward (``Store.stranded()``). Every count
+but the first four must be zero.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import psycopg
 import redis
 from sqlalchemy.engine import make_url
 
+from bench.chaos_stops import Stopper, liveness, read_tally
 from bench.standin import StandIn
 from sagaq import Runtime, SagaState, Settings
 from sagaq.machine import StepStatus
@@ -68,6 +75,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="restart PostgreSQL once (pg_ctlcluster ... restart)")
     p.add_argument("--duplicates", type=float, default=0.1,
                    help="share of step runs whose message is published twice")
+    p.add_argument("--sigstop", type=int, default=0, metavar="N",
+                   help="SIGSTOP a worker mid-step N times, then SIGCONT it")
+    p.add_argument("--sigstop-for", type=float, default=None, metavar="S",
+                   help="seconds of each stop (default: the visibility timeout + 4)")
+    p.add_argument("--visibility-timeout", type=float, default=None, metavar="S",
+                   help="Redis's visibility timeout (default 60, or 8 with --sigstop)")
+    p.add_argument("--db-errors", type=float, default=0.0, metavar="RATE",
+                   help="share of the workers' commits failed with a database error")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--admin-url", default=os.environ.get(
@@ -75,7 +90,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--redis-url", default=os.environ.get(
         "SAGAQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
     p.add_argument("--verbose", action="store_true", help="print the chaos log to stderr")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0.0 <= args.db_errors < 1.0:
+        p.error("--db-errors is a share of commits: at least 0 and below 1")
+    if args.sigstop < 0:
+        p.error("--sigstop counts stops: 0 or more")
+    if args.visibility_timeout is None:
+        args.visibility_timeout = 8.0 if args.sigstop else 60.0
+    if args.visibility_timeout <= 6.0:  # step_timeout + lease_margin below
+        p.error("--visibility-timeout must exceed the step lease of 6 s")
+    if args.sigstop_for is None:
+        args.sigstop_for = args.visibility_timeout + 4.0  # kombu sweeps unacked every 1 s
+    if args.db_errors > 0:
+        try:
+            import sagaq.store.faults  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+        except ImportError:
+            p.error("--db-errors needs the store's fault hook (sagaq.store.faults), "
+                    "which this checkout does not have")
+    return args
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
@@ -94,7 +126,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         imports=("bench.chaos_sagas",),
         step_timeout=5.0,
         lease_margin=1.0,
-        visibility_timeout=60.0,
+        visibility_timeout=args.visibility_timeout,
         retries=3,
         retryable_retries=5,
         compensation_retries=2,
@@ -117,6 +149,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _env(settings: Settings, standin: StandIn) -> dict[str, str]:
     env = {**os.environ, "SAGAQ_CHAOS_URL": standin.url, "PYTHONPATH": str(ROOT)}
+    env.pop("SAGAQ_CHAOS_DB_ERRORS", None)
     for name in ("database_url", "broker_url", "redis_prefix", "queue", "step_timeout",
                  "lease_margin", "visibility_timeout", "retries", "retryable_retries",
                  "compensation_retries", "retry_base", "retry_cap", "countdown_max",
@@ -127,12 +160,18 @@ def _env(settings: Settings, standin: StandIn) -> dict[str, str]:
 
 
 def _start_worker(i: int, args: argparse.Namespace, env: dict[str, str], tmp: Path,
-                  settings: Settings) -> subprocess.Popen[bytes]:
+                  settings: Settings, names: list[str]) -> subprocess.Popen[bytes]:
     log = open(tmp / f"worker-{i}.log", "ab")  # noqa: SIM115 - lives as long as the worker
+    name = f"chaos{i}-{secrets.token_hex(2)}"
+    if i < len(names):
+        names[i] = name
+    else:
+        names.append(name)
+    # bench.chaos_worker is the sagaq app plus the fault hook and the late-write tally.
     return subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "sagaq", "worker", "--pool", "prefork",
-         "--concurrency", str(args.concurrency), "-Q", settings.queue, "--loglevel", "WARNING",
-         "--hostname", f"chaos{i}-{secrets.token_hex(2)}@%h", "--without-mingle",
+        [sys.executable, "-m", "celery", "-A", "bench.chaos_worker", "worker", "--pool",
+         "prefork", "--concurrency", str(args.concurrency), "-Q", settings.queue,
+         "--loglevel", "WARNING", "--hostname", f"{name}@%h", "--without-mingle",
          "--without-gossip"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
@@ -155,9 +194,16 @@ def _run(args: argparse.Namespace, rng: random.Random, settings: Settings, stand
     from bench.chaos_sagas import SCENARIOS, scenario_input
 
     env = _env(settings, standin)
+    env["SAGAQ_CHAOS_TALLY"] = str(tmp / "tally.jsonl")
+    env["SAGAQ_CHAOS_SEED"] = str(args.seed)
+    if args.db_errors > 0:
+        env["SAGAQ_CHAOS_DB_ERRORS"] = str(args.db_errors)
     chaos = Chaos()
     started = time.monotonic()
-    workers = [_start_worker(i, args, env, tmp, settings) for i in range(args.workers)]
+    names: list[str] = []
+    workers = [_start_worker(i, args, env, tmp, settings, names) for i in range(args.workers)]
+    stopper = Stopper(args.sigstop, args.sigstop_for, next_at=started + 1.0,
+                      every=args.kill_every)
     beat = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "sagaq", "beat", "--loglevel", "WARNING",
          "-s", str(tmp / "beat-schedule")],
@@ -173,14 +219,23 @@ def _run(args: argparse.Namespace, rng: random.Random, settings: Settings, stand
             saga = SCENARIOS[scenario][0]
             plan[rt.engine.enqueue(saga, scenario_input(scenario, i))] = scenario
         chaos.note(started, f"enqueued {len(plan)}")
-        _storm(args, rng, settings, rt, workers, env, tmp, chaos, started, plan)
+        _storm(args, rng, settings, rt, workers, names, stopper, env, tmp, chaos, started,
+               plan)
     finally:
+        stopper.release()
         for proc in [*workers, beat]:
             _kill(proc)
     figures = _count(rt, standin, plan)
+    figures["liveness_violations"], stranded = liveness(rt)
+    if stranded:
+        figures["stranded"] = stranded
     rt.close()
+    tally = read_tally(tmp / "tally.jsonl")
+    if not tally["late_writes_won"]:
+        del tally["late_writes_won_detail"]
+    figures.update(tally)
     figures.update(kills=chaos.kills, flushes=chaos.flushes, pg_restarts=chaos.pg_restarts,
-                   duplicates_published=chaos.duplicates,
+                   sigstops=stopper.done, duplicates_published=chaos.duplicates,
                    wall_s=round(time.monotonic() - started, 1), seed=args.seed,
                    workers=args.workers, concurrency=args.concurrency)
     if args.verbose:
@@ -189,8 +244,9 @@ def _run(args: argparse.Namespace, rng: random.Random, settings: Settings, stand
 
 
 def _storm(args: argparse.Namespace, rng: random.Random, settings: Settings, rt: Runtime,
-           workers: list[subprocess.Popen[bytes]], env: dict[str, str], tmp: Path,
-           chaos: Chaos, started: float, plan: dict[str, str]) -> None:
+           workers: list[subprocess.Popen[bytes]], names: list[str], stopper: Stopper,
+           env: dict[str, str], tmp: Path, chaos: Chaos, started: float,
+           plan: dict[str, str]) -> None:
     deadline = started + args.timeout
     next_kill = time.monotonic() + args.kill_every
     flush_at = started + args.kill_every * 1.5
@@ -199,10 +255,11 @@ def _storm(args: argparse.Namespace, rng: random.Random, settings: Settings, rt:
     seen: set[int] = set()
     while time.monotonic() < deadline:
         now = time.monotonic()
-        if chaos.kills < args.kills and now >= next_kill:
-            i = rng.randrange(len(workers))
+        running = [i for i in range(len(workers)) if i != stopper.stopped_worker()]
+        if chaos.kills < args.kills and now >= next_kill and running:
+            i = rng.choice(running)  # not the stopped one: its resumed writes are the point
             _kill(workers[i])
-            workers[i] = _start_worker(i, args, env, tmp, settings)
+            workers[i] = _start_worker(i, args, env, tmp, settings, names)
             chaos.kills += 1
             next_kill = now + args.kill_every
             chaos.note(started, f"SIGKILL worker {i}, restarted")
@@ -219,8 +276,11 @@ def _storm(args: argparse.Namespace, rng: random.Random, settings: Settings, rt:
             chaos.pg_restarts += 1
             chaos.note(started, "PostgreSQL restarted")
         try:
+            what = stopper.tick(rt, workers, names, time.monotonic())
+            if what:
+                chaos.note(started, what)
             chaos.duplicates += _duplicate(rt, rng, args.duplicates, seen)
-            if _settled(rt, plan):
+            if not stopper.busy(time.monotonic()) and _settled(rt, plan):
                 chaos.note(started, "every saga settled")
                 return
         except Exception as exc:  # the database is restarting: look again in a moment
@@ -336,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     figures = run(argv)
     print(json.dumps(figures, indent=2))
     bad = [k for k in ("lost", "stuck", "duplicate_effects", "missed_compensations",
-                       "doubled_compensations") if figures[k]]
+                       "doubled_compensations", "late_writes_won", "liveness_violations")
+           if figures[k]]  # liveness_violations is None where the store cannot tell
     if figures["expected_state"] != figures["enqueued"]:
         bad.append("expected_state")
     if figures["pages_sent"] != figures["pages_expected"]:

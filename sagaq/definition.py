@@ -422,10 +422,15 @@ def _check_options(
             "(or side_effect=False if it only reads)",
         )
     retries = options.get("retries")
-    if retries is not None and (not isinstance(retries, int) or retries < 0):
+    # bool is an int to Python, never a count or a duration to an author: refused too.
+    if retries is not None and (
+        not isinstance(retries, int) or isinstance(retries, bool) or retries < 0
+    ):
         raise DefinitionError(saga, step, "retries must be a whole number >= 0")
     timeout = options.get("timeout")
-    if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+    if timeout is not None and (
+        not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0
+    ):
         raise DefinitionError(saga, step, "timeout must be a positive number of seconds")
 
 

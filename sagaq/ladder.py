@@ -141,14 +141,17 @@ def decide(
 ) -> Decision:
     """The next move after ``history[-1]`` failed."""
     b = bounds.over(DEFAULT_BOUNDS)
-    assert b.retries is not None and b.reprompts is not None and b.per_tier is not None
-    assert b.refreshes is not None and b.compensation_retries is not None
-    assert b.base is not None and b.cap is not None
+    # For mypy: DEFAULT_BOUNDS sets every field, so none is None (no test can tell `or` here).
+    assert b.retries is not None and b.reprompts is not None  # pragma: no mutate
+    assert b.per_tier is not None  # pragma: no mutate
+    assert b.refreshes is not None and b.compensation_retries is not None  # pragma: no mutate
+    assert b.base is not None and b.cap is not None  # pragma: no mutate
+    base, cap = b.base, b.cap  # as given: a step's Bounds(cap=0) is not replaced by 30 s
     last = history[-1]
     at = [a for a in history if a.level == last.level]
 
     def wait(n: int) -> float:
-        return backoff(n, b.base or 1.0, b.cap or 30.0, rng)
+        return backoff(n, base, cap, rng)
 
     if step.direction is Direction.COMPENSATE:
         if last.failure is not FailureClass.TERMINAL and len(history) <= b.compensation_retries:

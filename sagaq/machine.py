@@ -128,7 +128,11 @@ def mermaid() -> str:
     )
     model = _Model()
     graph.add_model(model)
-    text: str = model.get_graph().draw(None)  # type: ignore[attr-defined]
+    return _tidy(model.get_graph().draw(None))  # type: ignore[attr-defined]
+
+
+def _tidy(text: str) -> str:
+    """The diagram as ``transitions`` draws it, made fit to paste into a README."""
     # Drop the styling lines that mark the model's current state: a diagram has no "current".
     keep = [
         line.rstrip()

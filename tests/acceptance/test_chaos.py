@@ -4,6 +4,8 @@
 prefix of its own, SIGKILLs workers, wipes its Redis key space once (``--flush prefix``: the
 Redis server is shared, so never a real FLUSHALL here) and publishes duplicates, then counts.
 PostgreSQL is not restarted (``--no-pg-restart``): other people use the same server.
+``--sigstop 1`` stops a worker in the middle of a step past its lease and past Redis's
+visibility timeout, then resumes it: its late writes must lose (issue 10).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import json
 import pytest
 
 import bench.chaos
+from sagaq.store import Store
 
 ARGV = ["--sagas", "60", "--workers", "2", "--kills", "3", "--kill-every", "2",
-        "--flush", "prefix", "--no-pg-restart", "--seed", "3", "--timeout", "240"]
+        "--flush", "prefix", "--no-pg-restart", "--seed", "3", "--timeout", "240",
+        "--sigstop", "1"]
 
 
 @pytest.mark.slow
@@ -30,6 +34,14 @@ def test_a_short_chaos_run_loses_nothing_and_doubles_nothing() -> None:
     assert figures["pages_expected"] > 0  # the mix includes compensations that must page
     assert figures["pages_sent"] == figures["pages_expected"], shown
     assert (figures["kills"], figures["flushes"], figures["pg_restarts"]) == (3, 1, 0), shown
+    # The stopped worker's step was taken over; resumed, it wrote late, and lost.
+    assert figures["sigstops"] == 1, shown
+    assert figures["late_writes_won"] == 0, shown
+    assert figures["late_writes_lost"] >= 1, shown
+    assert figures["db_errors_injected"] == figures["crash_points_swept"] == 0, shown
+    # No saga without a way forward, where the store can tell (Store.stranded, issue 10).
+    expected_violations = 0 if hasattr(Store, "stranded") else None
+    assert figures["liveness_violations"] == expected_violations, shown
     assert figures["duplicates_published"] > 0, shown  # the duplicates were really sent
     for scenario, story in figures["by_scenario"].items():
         assert story["expected_state"] == story["enqueued"] > 0, (scenario, shown)

@@ -20,6 +20,13 @@ ILLEGAL = sorted(
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
+@pytest.fixture(autouse=True)
+def _fresh_machines() -> None:
+    # machine_for is cached per process: without this, a machine built by an earlier test
+    # (or, under mutmut, by the process each mutant is forked from) answers for _build.
+    machine_for.cache_clear()
+
+
 def test_table_is_the_documented_lifecycle() -> None:
     # DESIGN §5, written out independently of machine.TABLE.
     assert LEGAL == {
@@ -214,3 +221,33 @@ def test_readme_block_parser() -> None:
 def test_module_exports() -> None:
     active = machine.ACTIVE_STEP
     assert active == {machine.StepStatus.SCHEDULED, machine.StepStatus.RUNNING}
+
+
+def test_the_machine_has_exactly_the_saga_states_and_no_initial_one() -> None:
+    m = machine_for("orders")
+    assert set(m.states) == {s.value for s in SagaState}
+    assert m.name.startswith("orders")
+
+
+# -- tidying what transitions draws ------------------------------------------------------
+
+
+def test_tidy_keys_a_bare_title_and_drops_current_state_styling() -> None:
+    drawn = ("---\nmy title\n---\nstateDiagram-v2  \n  classDef s_default fill:white\n"
+             "  Class pending s_active\n  a --> b: go\n\n")
+    assert machine._tidy(drawn) == "---\ntitle: my title\n---\nstateDiagram-v2\n  a --> b: go\n"
+
+
+@pytest.mark.parametrize("drawn", [
+    "---\ntitle: t\n---\nstateDiagram-v2\n",  # already keyed: not keyed twice
+    "---\nt\n--\nstateDiagram-v2\n",  # not front matter: the second fence is not "---"
+    "stateDiagram-v2\nt\n---\n",  # not front matter: no opening fence
+    "---\nt\n",  # too short to hold front matter
+    "---\n",
+])
+def test_tidy_leaves_what_is_not_a_bare_title_alone(drawn: str) -> None:
+    assert machine._tidy(drawn) == drawn.strip() + "\n"
+
+
+def test_tidy_keys_the_shortest_front_matter() -> None:
+    assert machine._tidy("---\nt\n---") == "---\ntitle: t\n---\n"
