@@ -828,10 +828,14 @@ def test_a_worker_stopped_past_its_lease_and_the_visibility_timeout_loses_its_la
         (a,) = runs(rt, saga_id, "a")
         assert a.status is OK and a.worker.startswith("rescuer@crash/"), a
     finally:
-        os.killpg(stopped.pid, signal.SIGCONT)
+        # The pool child first: a resumed parent would at once kill a child past its time
+        # limit, before it could try the late writes this test is about.
+        for child in psutil.Process(stopped.pid).children(recursive=True):
+            os.kill(child.pid, signal.SIGCONT)
     wait_for("the stopped attempt to wake and beat", lambda: any(
         c["op"].startswith("late:") for c in calls(crash.standin, saga_id, "a", op=None)),
         logs=crash.worker_logs)
+    os.killpg(stopped.pid, signal.SIGCONT)
     late = [c["op"] for c in calls(crash.standin, saga_id, "a", op=None)
             if c["op"].startswith("late:")]
     assert late == ["late:False"]  # its heartbeat lost: the run is not its own any more
