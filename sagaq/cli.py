@@ -351,7 +351,11 @@ def policy_explain(env: Env, saga: str, step: str, environment: str | None, dire
 
 @main.command()
 def keygen() -> None:
-    """Print a new key for SAGAQ_SECRET_KEY (seals Secrets in results and checkpoints)."""
+    """Print a new key for SAGAQ_SECRET_KEY (seals Secrets in results and checkpoints).
+
+    To rotate, list the new key first and keep the old one until the sagas in flight
+    finish: SAGAQ_SECRET_KEY=NEW,OLD (the first seals, every one opens).
+    """
     from sagaq.secrets import new_key
 
     click.echo(new_key())

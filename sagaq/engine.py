@@ -32,7 +32,7 @@ from sagaq.failures import FailureClass, classify
 from sagaq.keys import idempotency_key
 from sagaq.ladder import Then
 from sagaq.machine import Direction, StepStatus
-from sagaq.secrets import SecretBox, redact, revealed
+from sagaq.secrets import SecretBox, SecretsUnreadable, redact, revealed
 from sagaq.settings import Settings
 from sagaq.store import (
     Claim,
@@ -194,7 +194,10 @@ class Engine:
             step = definition.step_named(run.step)
         except Exception as exc:  # a deploy removed it: say so, do not guess
             return self._failed(saga, run, None, exc, worker, task_id, force=Then.ESCALATE)
-        ctx = self._context(saga, run, claim.forward_result, worker, task_id, claim.errors)
+        try:
+            ctx = self._context(saga, run, claim.forward_result, worker, task_id, claim.errors)
+        except SecretsUnreadable as exc:  # a key rotated away: page now, naming the variable
+            return self._failed(saga, run, step, exc, worker, task_id, force=Then.ESCALATE)
         forward = run.direction is Direction.FORWARD
         if not forward:
             fn = step.compensate
@@ -353,9 +356,12 @@ class Engine:
             return self._failed(saga, run, step, parked, worker, task_id, expected=u, status=u)
         forward = run.direction is Direction.FORWARD
         if forward and step.verify is not None:
-            ctx = self._context(saga, run, None, worker, task_id)
             try:
+                ctx = self._context(saga, run, None, worker, task_id)
                 landed = step.verify(ctx, saga.input)
+            except SecretsUnreadable as exc:
+                return self._failed(saga, run, step, exc, worker, task_id, force=Then.ESCALATE,
+                                    expected=u, status=u)
             except Exception as exc:
                 return self._failed(saga, run, step, exc, worker, task_id, expected=u, status=u)
             if landed:
