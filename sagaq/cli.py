@@ -330,6 +330,10 @@ def policy_check(file: str) -> None:
     loaded = policy_module.load(file)
     decisions = ", ".join(f"{r.id}: {r.decision.value}" for r in loaded.rules) or "no rules"
     click.echo(f"{file}: ok, policy {loaded.label}, {len(loaded.rules)} rule(s) ({decisions})")
+    for warning in loaded.warnings():
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"note: {policy_module.DIRECTION_NOTE}; `*` crosses dots: infra.db* also "
+               "matches infra.dbadmin")
 
 
 @policy.command("explain")
