@@ -252,7 +252,9 @@ def resolve(env: Env, saga_id: str, note: str, by: str) -> None:
 @friendly
 def reconcile(env: Env, once: bool) -> None:
     """Run the reconciler: wake sagas whose durable wait is over, and more."""
-    click.echo(json.dumps(env.runtime().reconcile().summary()))
+    runtime = env.runtime()
+    runtime.check_policy()  # a sweep dispatches too (rollbacks after a deadline, wake-ups)
+    click.echo(json.dumps(runtime.reconcile().summary()))
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

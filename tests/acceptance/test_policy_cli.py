@@ -97,7 +97,7 @@ def test_policy_check_warns_about_rules_that_can_never_fire(tmp_path: Path) -> N
         "    when: {topic: 'infra.*', approval_present: false}\n    decision: deny\n"
         "  - id: ask-infra\n    when: {topic: 'infra.*', env: production}\n"
         "    decision: require_human\n"
-        "  - id: db\n    when: {topic: 'infra.db*', direction: forward}\n    decision: deny\n"
+        "  - id: db\n    when: {tags: 'team.db*', direction: forward}\n    decision: deny\n"
     )
     done = cli("policy", "check", str(path))
     assert done.returncode == 0, done.stderr
@@ -106,7 +106,7 @@ def test_policy_check_warns_about_rules_that_can_never_fire(tmp_path: Path) -> N
         "deny-unless-approved", "ask-infra", "db"
     ], warnings
     assert all(w.startswith("warning: rule ") for w in warnings)
-    assert "never" in warnings[0] and "never decides" in warnings[1] and "infra.db.*" in warnings[2]
+    assert "never" in warnings[0] and "never decides" in warnings[1] and "team.db.*" in warnings[2]
 
 
 @pytest.mark.parametrize(
