@@ -8,6 +8,7 @@ names sagaq records for itself cannot be borrowed; who requested a step is recor
 
 from __future__ import annotations
 
+import json
 import textwrap
 import uuid
 from collections.abc import Callable, Iterator
@@ -168,3 +169,31 @@ def test_a_reserved_or_overlong_by_is_one_clean_line(runtimes, own_settings) -> 
         (line,) = done.stderr.strip().splitlines()
         assert needle in line, line
     assert pending(rt, saga_id).id == request.id
+
+
+# -- item 9: every notification its own id, in the signed webhook body -----------------------
+
+
+def test_notices_of_one_incident_each_have_their_own_id_in_the_signed_body(runtimes) -> None:
+    from sagaq.notify.delivery import build_notice
+    from sagaq.notify.http import encode_json
+    from sagaq.notify.webhook import notice_to_dict, sign, verify_signature
+
+    rt = runtimes(ASK_S3)
+    with worker(rt):
+        saga_id = rt.engine.enqueue("quad", {})
+        wait_state(rt, saga_id, SagaState.AWAITING_APPROVAL)
+        commands.decide(rt, pending(rt, saga_id).id, approve=False, by="bob")
+        wait_state(rt, saga_id, SagaState.COMPENSATED)
+    notes = [n for n in rt.store.notifications(saga_id) if n.channel == "log"]
+    assert len(notes) == 2  # "approval needed", then "rolling back"
+    notices = [build_notice(rt.store, n) for n in notes]
+    # the same incident and action: the old advice (dedup_key + action) would drop one
+    assert len({(x.dedup_key, x.action) for x in notices}) == 1
+    ids = [x.id for x in notices]
+    assert len(set(ids)) == 2 and all(i.startswith(f"sagaq/{saga_id}/") for i in ids)
+    assert build_notice(rt.store, notes[0]).id == ids[0]  # stable: a retry carries it again
+    body = encode_json(notice_to_dict(notices[0]))
+    assert json.loads(body)["id"] == ids[0]
+    forged = body.replace(ids[0].encode(), ids[1].encode())
+    assert not verify_signature("whsec-x", forged, sign("whsec-x", body))
