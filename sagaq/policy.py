@@ -4,11 +4,11 @@ A policy file (YAML) lists rules; a rule matches when every fact it names matche
 
     version: v1
     rules:
-      - id: deny-irreversible-delete-without-approval
-        when: {topic: "infra.*", rollback_supported: false, approval_present: false}
-        decision: deny
+      - id: irreversible-deletes-need-a-human
+        when: {topic: "infra.*", rollback_supported: false, direction: forward}
+        decision: require_human
       - id: prod-payments-need-a-human
-        when: {env: [production, staging], tags: payments}
+        when: {env: [production, staging], tags: payments, direction: forward}
         decision: require_human
         deadline: 72h
 
@@ -45,7 +45,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
@@ -258,9 +258,9 @@ def load(path: str | Path) -> Policy:
         data = yaml.load(text, Loader=_unique_keys_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise PolicyError(f"{path}:{where}: {problem}") from None
+        raise PolicyError(f"{path}:{where} {problem}") from None
     return parse(data, source=str(path), digest=hashlib.sha256(text.encode()).hexdigest()[:12])
 
 
@@ -269,16 +269,16 @@ def _unique_keys_loader() -> Any:
     import yaml
 
     class Loader(yaml.SafeLoader):
-        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-            seen: set[Any] = set()
+        def construct_mapping(self, node: Any, *args: Any, **kwargs: Any) -> Any:
+            seen: set[str] = set()
             for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                if isinstance(key, Hashable) and key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r}", key_node.start_mark
-                    )
-                seen.add(key)
-            return super().construct_mapping(node, deep=deep)
+                if isinstance(key_node, yaml.ScalarNode):
+                    if key_node.value in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
+                        )
+                    seen.add(key_node.value)
+            return super().construct_mapping(node, *args, **kwargs)
 
     return Loader
 
@@ -350,22 +350,24 @@ def _condition(where: str, name: str, value: Any) -> Any:
         raise PolicyError(f"{where}: must be a text pattern or a list of them, not {value!r}")
     if name == "env":  # compared without case or surrounding spaces, as the fact is
         values = [v.strip().lower() for v in values]
-    choices = CHOICES.get(name, ())
-    for v in values if choices else ():
-        if not any(fnmatch.fnmatchcase(c, v.lower()) for c in choices):
-            raise PolicyError(f"{where}: {v!r} never matches; one of {', '.join(choices)}")
-    return tuple(v.lower() for v in values) if choices else tuple(values)
+    if name in CHOICES:  # a closed set of values: a pattern must be able to match one
+        for v in values:
+            if not any(fnmatch.fnmatchcase(c, v.lower()) for c in CHOICES[name]):
+                known = ", ".join(CHOICES[name])
+                raise PolicyError(f"{where}: {v!r} never matches; one of {known}")
+        return tuple(v.lower() for v in values)
+    return tuple(values)
 
 
 def _duration(where: str, value: Any) -> float:
-    seconds = -1.0
+    seconds = math.nan
     if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
     elif isinstance(value, str) and (found := _DURATION.match(value)):
         seconds = float(found.group(1)) * _UNIT[found.group(2)]
-    if not 0 < seconds <= MAX_DEADLINE:  # also false for NaN
-        if math.isfinite(seconds) and seconds > MAX_DEADLINE:
-            raise PolicyError(f"{where}: {value!r} is more than 366 days")
+    if seconds > MAX_DEADLINE and math.isfinite(seconds):
+        raise PolicyError(f"{where}: {value!r} is more than 366 days")
+    if not 0 < seconds <= MAX_DEADLINE:  # also NaN and infinity
         raise PolicyError(f"{where}: {value!r} is not a duration such as 90s, 30m, 72h or 2d")
     return seconds
 

@@ -191,7 +191,7 @@ def _decoded(token: str) -> bytes:
     body = token.rstrip("=")
     padded = body + "=" * (-len(body) % 4)
     try:
-        return base64.b64decode(padded.translate(str.maketrans("-_", "+/")), validate=True)
+        return base64.b64decode(padded.translate(str.maketrans("-_", "+/")))
     except (binascii.Error, ValueError):
         return b""
 

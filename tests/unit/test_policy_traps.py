@@ -214,3 +214,152 @@ def test_a_deadline_of_a_year_is_fine(tmp_path) -> None:
     assert MAX_DEADLINE == 366 * 86400
     assert load(write(tmp_path, ASK % "'366d'")).rules[0].deadline == MAX_DEADLINE
     assert math.isfinite(load(write(tmp_path, ASK % "31622400")).rules[0].deadline or 0)
+
+
+# -- exact texts and edges (the mutation score of sagaq/policy.py) -----------------------------
+
+
+def test_the_warnings_word_for_word() -> None:
+    p = rules(
+        {"id": "d", "decision": "deny", "when": {"topic": "infra.*", "approval_present": False}},
+        {"id": "h", "decision": "require_human", "when": {"approval_present": True,
+                                                          "tags": "a.b*"}},
+    )
+    assert p.warnings() == [
+        "rule d: a deny with approval_present: false can never be lifted by an approval (deny "
+        "outranks require_human, so none is ever asked for): it is a plain deny",
+        "rule h: it asks for an approval only once one is present, so it never asks",
+        "rule h: tags pattern 'a.b*' also matches longer names (* crosses dots and dashes); "
+        "for one segment write 'a.b' and 'a.b.*'",
+    ]
+
+
+def test_an_outranking_rule_later_in_the_file_is_found_wherever_it_is() -> None:
+    p = rules(
+        {"id": "ask", "decision": "require_human", "when": {"topic": "infra.db"}},
+        {"id": "other", "decision": "deny", "when": {"tags": "x"}},
+        {"id": "deny", "decision": "deny", "when": {"topic": "infra.*"}},
+        {"id": "ask-too", "decision": "require_human", "when": {"topic": "infra.db",
+                                                               "env": "prod"}},
+        {"id": "ask-again", "decision": "require_human", "when": {"topic": "infra.*"}},
+    )
+    assert p.warnings() == [
+        "rule ask never decides: rule deny matches whenever it does and outranks it (deny)",
+        "rule ask-too never decides: rule ask matches whenever it does and outranks it "
+        "(require_human)",
+        "rule ask-again never decides: rule deny matches whenever it does and outranks it "
+        "(deny)",
+    ]
+    # an equal rule later in the file does not outrank an earlier one
+    assert rules({"id": "a", "decision": "deny", "when": {"topic": "infra.db"}},
+                 {"id": "b", "decision": "deny", "when": {"topic": "infra.*"}}).warnings() == []
+
+
+@pytest.mark.parametrize(
+    ("wide", "narrow"),
+    [
+        ({"approval_present": True, "topic": "x"}, {"topic": "x"}),  # not narrow's condition
+        ({"approval_present": False, "topic": "infra.*"}, {"topic": "billing"}),
+        ({"side_effect": True}, {"side_effect": False}),
+        ({"topic": "infra.*"}, {"topic": "billing.*"}),
+        ({"topic": "infra.*"}, {"tags": "infra.x"}),
+    ],
+)
+def test_a_rule_that_does_not_cover_another_is_no_warning(wide, narrow) -> None:
+    p = rules({"id": "wide", "decision": "deny", "when": wide},
+              {"id": "narrow", "decision": "require_human", "when": narrow})
+    assert not [w for w in p.warnings() if "narrow never decides" in w], p.warnings()
+
+
+@pytest.mark.parametrize(
+    ("narrow", "wide", "within"),
+    [
+        ("x", "*", True),
+        ("a?", "a?", True),
+        ("infra.db", "infra.*", True),
+        ("infra.db*", "infra.*", True),
+        ("infra.", "infra.*", True),
+        ("infra", "infra.*", False),
+        ("infrb.x", "infra.*", False),
+        ("ab", "a?", False),
+        ("infra.db", "inf?a.*", False),
+        ("infra.db", "in*a.*", False),
+        ("infra.db", "infra.[d]*", False),
+        ("infra.db", "infra.d", False),
+        ("i", "*i", False),
+        ("*", "X*", False),
+        ("XX*XX", "XX*XX", True),
+    ],
+)
+def test_one_pattern_within_another(narrow, wide, within) -> None:
+    from sagaq.policy import _within
+
+    assert _within(narrow, wide) is within
+
+
+def test_a_file_that_is_not_yaml_text_says_so(tmp_path) -> None:
+    message = refused(tmp_path, "version: v1\nrules: []\n\x07\n")
+    assert message.endswith(" invalid YAML") or "special characters" in message
+    path = write(tmp_path, "version: v1\nrules: []\n\x07\n")
+    with pytest.raises(PolicyError) as caught:
+        load(path)
+    assert str(caught.value) == f"{path}: invalid YAML"
+
+
+def test_parse_defaults_and_lists_in_messages() -> None:
+    p = parse({"version": "v1", "rules": [{"id": "a", "decision": "deny"}]})
+    assert (p.source, p.digest, p.rules[0].description) == ("<policy>", "inline", "")
+    assert p.rule("nope") is None and p.rule("a") is p.rules[0]
+    with pytest.raises(PolicyError) as caught:
+        parse({"version": "v1", "rules": [], "b": 1, "a": 2})
+    assert str(caught.value) == "<policy>: unknown top-level field(s) a, b"
+    with pytest.raises(PolicyError) as caught:
+        parse({"version": "v1", "rules": [{"id": "r", "decision": "deny", "y": 1, "x": 2}]})
+    assert str(caught.value) == "<policy>: rule 1 (r): unknown field(s) x, y"
+    with pytest.raises(PolicyError) as caught:
+        parse({"version": "v1", "rules": [{"id": "r", "decision": "deny", "when": {"c": 1}}]})
+    assert str(caught.value).endswith(
+        "unknown fact; known: approval_present, at_most_once, compensation_declared, direction, "
+        "env, kind, rollback_supported, saga, side_effect, step, tags, topic"
+    )
+
+
+@pytest.mark.parametrize(("when", "falsy"), [(True, False), (1, False), ("x", False),
+                                             (0, True), (False, True), ("", True)])
+def test_which_whens_are_read_as_everything(when, falsy) -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse({"version": "v1", "rules": [{"id": "r", "decision": "deny", "when": when}]})
+    if falsy:
+        assert str(caught.value) == (
+            f"<policy>: rule 1 (r): field 'when' is {when!r}, which would match every "
+            "dispatch; omit it (or write {}) to mean that, or name the facts to match"
+        )
+    else:
+        assert str(caught.value).endswith("field 'when': a mapping of facts is required")
+
+
+def test_direction_and_kind_values_are_matched_in_lower_case() -> None:
+    p = rules({"id": "fwd", "decision": "deny", "when": {"direction": "FORWARD",
+                                                        "kind": "Compensable"}})
+    assert p.rules[0].when == {"direction": ("forward",), "kind": ("compensable",)}
+    assert p.evaluate(BASE).decision is Decision.DENY
+
+
+@pytest.mark.parametrize(("deadline", "seconds"), [(1, 1.0), ("1s", 1.0), (0.5, 0.5),
+                                                   ("366d", MAX_DEADLINE),
+                                                   (MAX_DEADLINE, MAX_DEADLINE)])
+def test_deadlines_at_the_edges(deadline, seconds) -> None:
+    raw = {"id": "a", "decision": "require_human", "deadline": deadline}
+    assert rules(raw).rules[0].deadline == seconds
+
+
+@pytest.mark.parametrize(("deadline", "message"), [
+    ("367d", "'367d' is more than 366 days"),
+    (MAX_DEADLINE + 1, "31622401.0 is more than 366 days"),
+    (math.inf, "inf is not a duration such as 90s, 30m, 72h or 2d"),
+    (0, "0 is not a duration such as 90s, 30m, 72h or 2d"),
+])
+def test_deadlines_beyond_the_edges_say_why(deadline, message) -> None:
+    with pytest.raises(PolicyError) as caught:
+        rules({"id": "a", "decision": "require_human", "deadline": deadline})
+    assert str(caught.value) == f"<policy>: rule 1 (a): field 'deadline': {message}"

@@ -210,3 +210,83 @@ def test_a_result_that_holds_the_marker_comes_back_as_it_was(value: Any) -> None
     opened = SecretBox(KEY).open(sealed)
     assert opened == {"mine": {MARK: "x"}, "real": Secret("tok-abc123")}
     assert masked(sealed) == {"mine": {MARK: "x"}, "real": REDACTED}
+
+
+# -- exact messages and edges (the mutation score of sagaq/secrets.py) ------------------------
+
+
+def test_the_messages_say_exactly_what_to_do() -> None:
+    with pytest.raises(TypeError, match=r"^a Secret holds text$"):
+        Secret(b"bytes")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError) as caught:
+        SecretBox("nope")
+    assert caught.value.message == (
+        "SAGAQ_SECRET_KEY is not a Fernet key (32 url-safe base64-encoded bytes); make one "
+        "with `sagaq keygen`"
+    )
+    with pytest.raises(ConfigurationError) as caught:
+        SecretBox(None).seal(Secret("tok-abc123"))
+    assert caught.value.message == (
+        "a step returned a Secret but SAGAQ_SECRET_KEY is not set; make one with "
+        "`sagaq keygen`"
+    )
+    sealed = SecretBox(KEY).seal(Secret("tok-abc123"))
+    with pytest.raises(SecretsUnreadable) as caught:
+        SecretBox(None).open(sealed)
+    assert caught.value.message == (
+        "a stored secret cannot be read: SAGAQ_SECRET_KEY is not set in this process"
+    )
+    with pytest.raises(SecretsUnreadable) as caught:
+        SecretBox(new_key()).open(sealed)
+    assert caught.value.message == (
+        "a stored secret opens with no key in SAGAQ_SECRET_KEY: was the key changed "
+        "while sagas were in flight? Put the old key back after the new one "
+        "(SAGAQ_SECRET_KEY=NEW,OLD) and retry the saga"
+    )
+
+
+def test_equal_secrets_hash_alike_and_different_ones_apart() -> None:
+    assert hash(Secret("tok-1")) == hash(Secret("tok-1"))
+    assert hash(Secret("tok-1")) != hash(Secret("tok-2"))
+    assert len({Secret("tok-1"), Secret("tok-1"), Secret("tok-2")}) == 2
+
+
+def test_a_space_may_be_a_plus_and_only_a_space() -> None:
+    assert redact(f"q={quote_plus('open sesame')}", ["open sesame"]) == f"q={REDACTED}"
+    assert redact("x+y and x y", ["xzy"]) == "x+y and x y"  # + stands for a space only
+    assert redact("p%C3%A9-pw", ["pé-pw"]) == REDACTED  # a character of several bytes
+
+
+def embedded(payload: str) -> str:
+    """base64 inside a longer run of base64 characters, not on a 4-character boundary, so
+    that decoding the run as one token does not reveal it (a path, a blob)."""
+    return f"GET /v1/x{b64(payload)}/y failed"
+
+
+@pytest.mark.parametrize("lead", ["", "a", "ab"])  # the 3 alignments of the secret
+@pytest.mark.parametrize("tail", ["", "--more-bytes"])
+def test_base64_found_in_any_alignment_with_anything_after_it(lead: str, tail: str) -> None:
+    for secret in (PW, "abcdef"):
+        encoded = b64(lead + secret + tail)
+        out = redact(embedded(lead + secret + tail), [secret])
+        left = [encoded[i : i + 5] for i in range(len(encoded) - 4) if encoded[i : i + 5] in out]
+        assert not left and REDACTED in out, (secret, out)
+
+
+def test_a_core_of_exactly_four_characters_counts() -> None:
+    assert "MTIz" not in redact(embedded("123--tail"), ["123"])
+
+
+def test_tokens_that_do_not_decode_are_left_alone() -> None:
+    assert redact("abcde fghij", ["XX"]) == "abcde fghij"  # 5 characters: not base64
+    assert redact(f"Basic {b64('u:123')}==", ["123"]) == f"Basic {REDACTED}"  # over-padded
+
+
+def test_adjacent_occurrences_are_one_redaction() -> None:
+    assert redact("abcdabcd", ["abcd"]) == REDACTED
+    assert redact("abcd-abcd", ["abcd"]) == f"{REDACTED}-{REDACTED}"
+
+
+def test_masked_goes_into_lists() -> None:
+    sealed = SecretBox(KEY).seal([Secret("tok-abc123"), 1, {"a": Secret("tok-xyz987")}])
+    assert masked(sealed) == [REDACTED, 1, {"a": REDACTED}]
