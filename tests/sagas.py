@@ -226,3 +226,13 @@ def read_back(ctx: StepContext, inp: dict[str, Any]) -> None:
     got = ctx.results["look_alike"]
     if got != {"data": {"$secret": "not sealed, just a field"}, "wrapped": {"$literal": 1}}:
         raise TerminalError(f"the result came back changed: {got!r}")
+
+
+# -- hostile: a step whose error says whatever its input says (markup, escapes) -------------
+
+hostile = Saga("hostile_error")
+
+
+@hostile.step(no_rollback="fails before any effect")
+def say(ctx: StepContext, inp: dict[str, Any]) -> None:
+    raise TerminalError(str(inp.get("message", "")))
