@@ -252,7 +252,9 @@ def resolve(env: Env, saga_id: str, note: str, by: str) -> None:
 @friendly
 def reconcile(env: Env, once: bool) -> None:
     """Run the reconciler: wake sagas whose durable wait is over, and more."""
-    click.echo(json.dumps(env.runtime().reconcile().summary()))
+    runtime = env.runtime()
+    runtime.check_policy()  # a sweep dispatches too (rollbacks after a deadline, wake-ups)
+    click.echo(json.dumps(runtime.reconcile().summary()))
 
 
 @main.command()
@@ -353,6 +355,10 @@ def policy_check(file: str) -> None:
     loaded = policy_module.load(file)
     decisions = ", ".join(f"{r.id}: {r.decision.value}" for r in loaded.rules) or "no rules"
     click.echo(f"{file}: ok, policy {loaded.label}, {len(loaded.rules)} rule(s) ({decisions})")
+    for warning in loaded.warnings():
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"note: {policy_module.DIRECTION_NOTE}; `*` crosses dots: infra.db* also "
+               "matches infra.dbadmin")
 
 
 @policy.command("explain")
@@ -374,7 +380,11 @@ def policy_explain(env: Env, saga: str, step: str, environment: str | None, dire
 
 @main.command()
 def keygen() -> None:
-    """Print a new key for SAGAQ_SECRET_KEY (seals Secrets in results and checkpoints)."""
+    """Print a new key for SAGAQ_SECRET_KEY (seals Secrets in results and checkpoints).
+
+    To rotate, list the new key first and keep the old one until the sagas in flight
+    finish: SAGAQ_SECRET_KEY=NEW,OLD (the first seals, every one opens).
+    """
     from sagaq.secrets import new_key
 
     click.echo(new_key())

@@ -12,6 +12,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from sagaq.errors import InputError, UnknownSagaError
+from sagaq.keys import MIN_PREFIX
 from sagaq.machine import Direction, SagaState, StepStatus
 from sagaq.secrets import MARK, REDACTED
 from sagaq.store import (
@@ -116,7 +117,7 @@ def resolve_id(store: Store, ref: str) -> str:
     ref = ref.strip()
     if store.get_saga(ref) is not None:
         return ref
-    if len(ref) >= 4:
+    if len(ref) >= MIN_PREFIX:
         found = store.find_sagas(ref)
         if len(found) == 1:
             return found[0]
@@ -159,7 +160,25 @@ def enqueue(runtime: Runtime, name: str, raw_input: str | None, *, key: str | No
         payload = json.loads(raw_input) if raw_input else {}
     except json.JSONDecodeError as exc:
         raise InputError(f"input is not valid JSON: {exc}") from None
-    return runtime.engine.enqueue(runtime.registry.get(name), payload, key=key)
+    definition = runtime.registry.get(name)
+    runtime.check_policy()  # its first step is gated here, by this process's policy
+    return runtime.engine.enqueue(definition, payload, key=key)
+
+
+RESERVED_ACTORS = frozenset({"reconciler", "sagaq"})  # what sagaq itself records as `by`
+MAX_ACTOR = 200  # the approvals' decided_by column
+
+
+def actor(by: str) -> str:
+    """``--by``: a person's name, not one sagaq records for itself, and not too long."""
+    name = by.strip()
+    if not name:
+        raise InputError("say who acts: --by NAME")
+    if name.lower() in RESERVED_ACTORS:
+        raise InputError(f"--by {name!r} is reserved for sagaq's own actions; give your name")
+    if len(name) > MAX_ACTOR:
+        raise InputError(f"--by is {len(name)} characters; at most {MAX_ACTOR}")
+    return name
 
 
 def _needs_human(store: Store, ref: str, doing: str) -> str:
@@ -174,7 +193,9 @@ def _needs_human(store: Store, ref: str, doing: str) -> str:
 
 def retry(runtime: Runtime, ref: str, *, by: str, note: str | None = None) -> Outcome:
     """A saga in needs_human runs what is left: its compensations, or its failed step."""
+    by = actor(by)
     saga_id = _needs_human(runtime.store, ref, "retried")
+    runtime.check_policy()
     outcome = runtime.store.retry(saga_id, by=by, note=note)
     runtime.engine.publish_now(outcome.dispatches)
     return outcome
@@ -184,6 +205,7 @@ def resolve(runtime: Runtime, ref: str, *, by: str, note: str) -> Outcome:
     """A human has put things right: the saga is resolved and its page closed."""
     if not note.strip():
         raise InputError("say what you did: --note is required")
+    by = actor(by)
     saga_id = _needs_human(runtime.store, ref, "resolved")
     outcome = runtime.store.resolve(saga_id, by=by, note=note)
     runtime.engine.publish_now(outcome.dispatches)
@@ -199,9 +221,9 @@ def decide(
 ) -> ApprovalRecord:
     """Approve or deny a pending request; the decision, who and the policy version are
     events on the saga's timeline."""
-    if not by.strip():
-        raise InputError("say who decides: --by NAME")
+    by = actor(by)
     found = runtime.store.find_approval(ref)
+    runtime.check_policy()  # an approved step is dispatched (gated) from this process
     outcome = runtime.store.decide(found.id, approve=approve, by=by, note=note,
                                    policy=runtime.policy.label)
     runtime.engine.publish_now(outcome.dispatches)

@@ -34,7 +34,7 @@ from sagaq.failures import FailureClass, classify, in_doubt
 from sagaq.keys import idempotency_key
 from sagaq.ladder import Then
 from sagaq.machine import Direction, StepStatus
-from sagaq.secrets import SecretBox, redact, revealed
+from sagaq.secrets import SecretBox, SecretsUnreadable, redact, revealed
 from sagaq.settings import Settings
 from sagaq.store import (
     Claim,
@@ -228,7 +228,10 @@ class Engine:
             step = definition.step_named(run.step)
         except Exception as exc:  # a deploy removed it: say so, do not guess
             return self._failed(saga, run, None, exc, worker, task_id, force=Then.ESCALATE)
-        ctx = self._context(saga, run, claim.forward_result, worker, task_id, claim.errors)
+        try:
+            ctx = self._context(saga, run, claim.forward_result, worker, task_id, claim.errors)
+        except SecretsUnreadable as exc:  # a key rotated away: page now, naming the variable
+            return self._failed(saga, run, step, exc, worker, task_id, force=Then.ESCALATE)
         forward = run.direction is Direction.FORWARD
         if not forward:
             fn = step.compensate
@@ -426,7 +429,11 @@ class Engine:
         except Exception as exc:
             return self._failed(saga, run, None, exc, worker, task_id, force=Then.ESCALATE,
                                 expected=u, status=u)
-        ctx = self._context(saga, run, None, worker, task_id)
+        try:
+            ctx = self._context(saga, run, None, worker, task_id)
+        except SecretsUnreadable as exc:  # a key rotated away: page at once, name the variable
+            return self._failed(saga, run, step, exc, worker, task_id, force=Then.ESCALATE,
+                                expected=u, status=u)
         # Every earlier run of this round that ended unknown was a delivery whose worker
         # never finished (killed, out of memory): a poison message is parked, not looped.
         died = 1 + sum(r.status is u for r in self.store.round_of(run))

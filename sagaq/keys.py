@@ -6,6 +6,8 @@ import hashlib
 
 from sagaq.machine import Direction
 
+MIN_PREFIX = 4  # the shortest id prefix `sagaq show`, `approve` and `deny` accept
+
 
 def idempotency_key(saga_id: str, step: str, direction: Direction | str = Direction.FORWARD) -> str:
     """``sha256(saga_id:step:action)`` forward, ``sha256(saga_id:step:action:compensate)`` back.

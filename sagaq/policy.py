@@ -4,21 +4,38 @@ A policy file (YAML) lists rules; a rule matches when every fact it names matche
 
     version: v1
     rules:
-      - id: deny-irreversible-delete-without-approval
-        when: {topic: "infra.*", rollback_supported: false, approval_present: false}
-        decision: deny
+      - id: irreversible-deletes-need-a-human
+        when: {topic: "infra.*", rollback_supported: false, direction: forward}
+        decision: require_human
       - id: prod-payments-need-a-human
-        when: {env: [production, staging], tags: payments}
+        when: {env: [production, staging], tags: payments, direction: forward}
         decision: require_human
         deadline: 72h
 
 **Matching.** A boolean fact matches ``true``/``false``. A text fact matches a pattern
-(``*`` and ``?`` wildcards) or any of a list of them. ``tags`` matches when any of the step's
-tags matches. A rule with an empty ``when`` matches every dispatch.
+(``*`` and ``?`` wildcards, shell-style over the whole value) or any of a list of them.
+``*`` crosses every character, dots and dashes included: ``infra.db*`` also matches
+``infra.dbadmin-sandbox``; write ``[infra.db, "infra.db.*"]`` for the segment and what is
+under it (``policy check`` warns about such a glob). ``env`` is compared without regard to
+case or surrounding spaces (``Production `` is ``production``); every other fact is exact.
+``direction`` is ``forward`` or ``compensate`` and ``kind`` one of the step kinds: a pattern
+no value can match is refused. ``tags`` matches when any of the step's tags matches. A rule
+without ``when`` (or with ``when: {}``) matches every dispatch; a ``when`` of ``[]``,
+``false``, ``0`` or ``""`` is refused rather than read as "everything".
+
+**Direction.** A rule that names no ``direction`` gates compensations too: a
+``require_human`` then makes a rollback wait for a person. Write ``direction: forward`` to
+gate forward steps only.
 
 **Precedence.** The most restrictive matching rule decides: ``deny`` over ``require_human``
 over ``allow``; among equals, the first in the file. No matching rule means ``allow``.
-Every matching rule id is reported, not only the deciding one.
+Every matching rule id is reported, not only the deciding one. So a ``deny`` with
+``approval_present: false`` is a plain deny: no approval can be asked for that dispatch
+(the deny outranks any ``require_human``); ``policy check`` warns about it, and about any
+rule another one always outranks.
+
+**The file.** YAML with no duplicate keys (a second ``rules:`` would silently replace the
+first); deadlines are finite and at most 366 days.
 """
 
 from __future__ import annotations
@@ -26,6 +43,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -43,6 +61,16 @@ TEXT_FACTS = frozenset({"env", "saga", "step", "kind", "topic", "direction"})
 LIST_FACTS = frozenset({"tags"})
 FACTS = BOOL_FACTS | TEXT_FACTS | LIST_FACTS
 RULE_KEYS = frozenset({"id", "when", "decision", "deadline", "description"})
+DIRECTIONS = ("forward", "compensate")
+KINDS = ("compensable", "pivot", "retryable", "noncompensable")
+CHOICES = {"direction": DIRECTIONS, "kind": KINDS}
+MAX_DEADLINE = 366 * 86400.0  # beyond a year it is a typo; near 10^11 s a datetime overflows
+DIRECTION_NOTE = (
+    "a rule without `direction` gates forward steps and compensations alike (a "
+    "require_human then makes a rollback wait for a person); write `direction: forward` "
+    "to gate forward steps only"
+)
+_CROSSING = re.compile(r"[^.*?\-_/:]\*")  # a * glued to a word: it runs past the segment
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -100,6 +128,8 @@ class Rule:
         ok = True
         for name, expected in self.when.items():
             actual = getattr(facts, name)
+            if name == "env":  # an env is a name: "Production " is production
+                actual = str(actual).strip().lower()
             if name in BOOL_FACTS:
                 hit = actual is expected
             elif name in LIST_FACTS:
@@ -155,6 +185,62 @@ class Policy:
     def rule(self, rule_id: str) -> Rule | None:
         return next((r for r in self.rules if r.id == rule_id), None)
 
+    def warnings(self) -> list[str]:
+        """Rules that read one way and act another: ``sagaq policy check`` prints these."""
+        out = []
+        for index, rule in enumerate(self.rules):
+            present = rule.when.get("approval_present")
+            if rule.decision is Decision.DENY and present is False:
+                out.append(f"rule {rule.id}: a deny with approval_present: false can never be "
+                           "lifted by an approval (deny outranks require_human, so none is "
+                           "ever asked for): it is a plain deny")
+            elif rule.decision is Decision.REQUIRE_HUMAN and present is True:
+                out.append(f"rule {rule.id}: it asks for an approval only once one is present, "
+                           "so it never asks")
+            for other in self.rules[:index]:
+                if other.decision.severity >= rule.decision.severity and _covers(other, rule):
+                    out.append(f"rule {rule.id} never decides: rule {other.id} matches whenever "
+                               f"it does and outranks it ({other.decision.value})")
+                    break
+            for other in self.rules[index + 1 :]:
+                if other.decision.severity > rule.decision.severity and _covers(other, rule):
+                    out.append(f"rule {rule.id} never decides: rule {other.id} matches whenever "
+                               f"it does and outranks it ({other.decision.value})")
+                    break
+            for name, patterns in rule.when.items():
+                for p in patterns if name in TEXT_FACTS | LIST_FACTS else ():
+                    if "." in p and _CROSSING.search(p):  # segmented names: topics, tags
+                        out.append(f"rule {rule.id}: {name} pattern {p!r} also matches longer "
+                                   f"names (* crosses dots and dashes); for one segment write "
+                                   f"{p.rstrip('*')!r} and {p.rstrip('*') + '.*'!r}")
+        return out
+
+
+def _covers(wide: Rule, narrow: Rule) -> bool:
+    """Whether ``wide`` matches every dispatch ``narrow`` matches (judged by their text)."""
+    for name, expected in wide.when.items():
+        if name == "approval_present" and expected is False and wide.decision is Decision.DENY:
+            continue  # no approval is ever asked for while this deny matches: always true
+        if name not in narrow.when:
+            return False
+        if name in BOOL_FACTS:
+            if narrow.when[name] is not expected:
+                return False
+        elif not all(any(_within(p, q) for q in expected) for p in narrow.when[name]):
+            return False
+    return True
+
+
+def _within(narrow: str, wide: str) -> bool:
+    """Whether every value pattern ``narrow`` matches, ``wide`` matches too (sound, not
+    complete: only equal patterns, ``*``, and a literal prefix followed by ``*``)."""
+    if wide in ("*", narrow):
+        return True
+    prefix = wide[:-1]
+    return wide.endswith("*") and not any(c in prefix for c in "*?[") and narrow.startswith(
+        prefix
+    )
+
 
 ALLOW_ALL = Policy()
 
@@ -169,13 +255,32 @@ def load(path: str | Path) -> Policy:
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read the policy file ({exc.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_keys_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise PolicyError(f"{path}:{where}: {problem}") from None
+        raise PolicyError(f"{path}:{where} {problem}") from None
     return parse(data, source=str(path), digest=hashlib.sha256(text.encode()).hexdigest()[:12])
+
+
+def _unique_keys_loader() -> Any:
+    """A SafeLoader that refuses a key given twice in one mapping (YAML keeps the last)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, *args: Any, **kwargs: Any) -> Any:
+            seen: set[str] = set()
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    if key_node.value in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
+                        )
+                    seen.add(key_node.value)
+            return super().construct_mapping(node, *args, **kwargs)
+
+    return Loader
 
 
 def parse(data: Any, *, source: str = "<policy>", digest: str = "inline") -> Policy:
@@ -216,8 +321,13 @@ def _rule(source: str, index: int, raw: Any) -> Rule:
         raise PolicyError(
             f"{where}: field 'decision': {raw.get('decision')!r} is not one of {choices}"
         ) from None
-    when = raw.get("when", {}) or {}
+    when = {} if raw.get("when") is None else raw["when"]  # `when:` alone: as if omitted
     if not isinstance(when, dict):
+        if when in ([], "", False, 0):
+            raise PolicyError(
+                f"{where}: field 'when' is {when!r}, which would match every dispatch; omit it "
+                "(or write {}) to mean that, or name the facts to match"
+            )
         raise PolicyError(f"{where}: field 'when': a mapping of facts is required")
     conditions: dict[str, Any] = {}
     for name, value in when.items():
@@ -238,16 +348,28 @@ def _condition(where: str, name: str, value: Any) -> Any:
     values = value if isinstance(value, list) else [value]
     if not values or not all(isinstance(v, str) and v for v in values):
         raise PolicyError(f"{where}: must be a text pattern or a list of them, not {value!r}")
+    if name == "env":  # compared without case or surrounding spaces, as the fact is
+        values = [v.strip().lower() for v in values]
+    if name in CHOICES:  # a closed set of values: a pattern must be able to match one
+        for v in values:
+            if not any(fnmatch.fnmatchcase(c, v.lower()) for c in CHOICES[name]):
+                known = ", ".join(CHOICES[name])
+                raise PolicyError(f"{where}: {v!r} never matches; one of {known}")
+        return tuple(v.lower() for v in values)
     return tuple(values)
 
 
 def _duration(where: str, value: Any) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    found = _DURATION.match(str(value)) if isinstance(value, str) else None
-    if not found or float(found.group(1)) <= 0:
+    seconds = math.nan
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (found := _DURATION.match(value)):
+        seconds = float(found.group(1)) * _UNIT[found.group(2)]
+    if seconds > MAX_DEADLINE and math.isfinite(seconds):
+        raise PolicyError(f"{where}: {value!r} is more than 366 days")
+    if not 0 < seconds <= MAX_DEADLINE:  # also NaN and infinity
         raise PolicyError(f"{where}: {value!r} is not a duration such as 90s, 30m, 72h or 2d")
-    return float(found.group(1)) * _UNIT[found.group(2)]
+    return seconds
 
 
 def facts_dict(facts: Facts) -> dict[str, Any]:

@@ -14,6 +14,9 @@ from rich.text import Text
 from sagaq.commands import Story
 from sagaq.machine import Direction, SagaState, StepStatus
 from sagaq.store import ApprovalRecord, SagaRecord, Stranded
+from sagaq.text import visible
+
+ERROR_WIDTH = 80  # characters of an error shown in a table cell, counted once made visible
 
 STATE_STYLE = {
     SagaState.PENDING: "dim",
@@ -40,6 +43,15 @@ def _time(value: datetime | None) -> str:
     return value.strftime("%H:%M:%S.%f")[:-3] if value else ""
 
 
+def literal(value: object, limit: int | None = None, style: str = "") -> Text:
+    """Text from a step, a caller or a stand-in: never read as markup, controls made visible.
+
+    A plain ``str`` in a rich table is parsed as markup (``[/x]`` raises, ``[link=...]``
+    becomes a link); a :class:`Text` is not, and :func:`visible` writes out escapes first.
+    """
+    return Text(visible("" if value is None else value, limit), style=style)
+
+
 def _state(state: SagaState) -> Text:
     return Text(state.value, style=STATE_STYLE[state])
 
@@ -50,12 +62,12 @@ def saga_table(sagas: list[SagaRecord]) -> Table:
         table.add_column(col, overflow="fold")
     for s in sagas:
         table.add_row(
-            s.id,
-            s.name,
+            literal(s.id),
+            literal(s.name),
             _state(s.state),
             s.created_at.strftime("%Y-%m-%d %H:%M:%S"),
             _time(s.updated_at),
-            (s.error or "")[:80],
+            literal(s.error, ERROR_WIDTH),
         )
     return table
 
@@ -66,19 +78,19 @@ def story(story: Story, width: int | None = None) -> RenderableType:
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column()
-    head.add_row("saga", f"{s.id}  ({s.name}, definition {s.version})")
+    head.add_row("saga", literal(f"{s.id}  ({s.name}, definition {s.version})"))
     head.add_row("state", _state(s.state))
     head.add_row("created", s.created_at.isoformat(timespec="milliseconds"))
     if s.finished_at:
         head.add_row("finished", s.finished_at.isoformat(timespec="milliseconds"))
     if s.key:
-        head.add_row("key", s.key)
+        head.add_row("key", literal(s.key))
     if s.error:
-        head.add_row("error", Text(s.error, style="red"))
+        head.add_row("error", literal(s.error, style="red"))
     if story.succeeded():
-        head.add_row("succeeded", " → ".join(story.succeeded()))
+        head.add_row("succeeded", literal(" → ".join(story.succeeded())))
     if story.compensated():
-        head.add_row("compensated", " → ".join(story.compensated()))
+        head.add_row("compensated", literal(" → ".join(story.compensated())))
 
     # Narrow terminals squeeze the free-text columns first, never the ids and statuses.
     runs = Table(title="step runs", title_justify="left", box=box.SIMPLE_HEAD,
@@ -94,20 +106,21 @@ def story(story: Story, width: int | None = None) -> RenderableType:
         runs.add_column("error", overflow="fold", min_width=12)
     errors = Text()
     for r in story.runs:
-        cells = {
+        cells: dict[str, str | Text] = {
             "#": str(r.id),
-            "step": r.step,
+            "step": literal(r.step),
             "": "→" if r.direction is Direction.FORWARD else "↩",
             "try": str(r.attempt),
             "status": Text(r.status.value, style=STATUS_STYLE[r.status]),
-            "worker": r.worker or "",
-            "task": (r.task_id or "")[:8],
-            "key": r.idempotency_key[:8],
+            "worker": literal(r.worker),
+            "task": literal((r.task_id or "")[:8]),
+            "key": literal(r.idempotency_key[:8]),
         }
-        error = (r.error or "")[:80]
+        error = literal(r.error, ERROR_WIDTH)
         runs.add_row(*(cells[c] for c in columns), *([error] if wide else []))
-        if error and not wide:
-            errors.append(f"#{r.id} {r.step}: ", style="bold").append(f"{error}\n", style="red")
+        if error.plain and not wide:
+            errors.append(f"#{r.id} {visible(r.step)}: ", style="bold")
+            errors.append(error.plain + "\n", style="red")
 
     timeline = Table(title="timeline", title_justify="left", box=box.SIMPLE_HEAD,
                      padding=(0, 1), pad_edge=False)
@@ -116,9 +129,9 @@ def story(story: Story, width: int | None = None) -> RenderableType:
     timeline.add_column("step", overflow="fold", max_width=18)
     timeline.add_column("detail", overflow="fold", min_width=20)
     for e in story.events:
-        timeline.add_row(_time(e.at), _event(e.kind), e.step or "", e.message)
+        timeline.add_row(_time(e.at), _event(e.kind), literal(e.step), literal(e.message))
     parts: list[RenderableType] = [head, runs, *([errors] if errors.plain else []), timeline]
-    return Panel(Group(*parts), title=f"{s.name} {s.id[:8]}", title_align="left")
+    return Panel(Group(*parts), title=literal(f"{s.name} {s.id[:8]}"), title_align="left")
 
 
 def _event(kind: str) -> Text:
@@ -131,7 +144,7 @@ def _event(kind: str) -> Text:
         style = "yellow"
     elif kind.endswith("dropped"):
         style = "dim"
-    return Text(kind, style=style)
+    return literal(kind, style=style)
 
 
 def approvals_table(approvals: list[ApprovalRecord]) -> Table:
@@ -139,8 +152,9 @@ def approvals_table(approvals: list[ApprovalRecord]) -> Table:
     for col in ("id", "saga", "step", "dir", "rule", "status", "deadline", "by"):
         table.add_column(col, overflow="fold")
     for a in approvals:
-        table.add_row(a.id, a.saga_id[:8], a.step, a.direction, a.rule_id, a.status,
-                      a.deadline.strftime("%Y-%m-%d %H:%M"), a.decided_by or "")
+        table.add_row(*(literal(v) for v in (a.id, a.saga_id[:8], a.step, a.direction,
+                                             a.rule_id, a.status)),
+                      a.deadline.strftime("%Y-%m-%d %H:%M"), literal(a.decided_by))
     return table
 
 
@@ -150,6 +164,6 @@ def stranded_table(found: list[Stranded]) -> Table:
     for col in ("name", "state", "since", "reason"):
         table.add_column(col, overflow="fold")
     for s in found:
-        table.add_row(s.saga_id, Text(s.name), _state(s.state),
-                      s.updated_at.strftime("%Y-%m-%d %H:%M:%S"), Text(s.reason))
+        table.add_row(literal(s.saga_id), literal(s.name), _state(s.state),
+                      s.updated_at.strftime("%Y-%m-%d %H:%M:%S"), literal(s.reason))
     return table

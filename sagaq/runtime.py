@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -23,6 +24,9 @@ from sagaq.store.faults import Write
 
 if TYPE_CHECKING:
     from celery import Celery
+
+log = logging.getLogger("sagaq.policy")
+NO_POLICY = "none (no rules: every dispatch allowed)"
 
 
 class Runtime:
@@ -67,6 +71,47 @@ class Runtime:
             publish=CeleryPublisher(lambda: self.app, settings.queue),
             registry=registry,
         )
+
+    @property
+    def policy_fingerprint(self) -> str:
+        """What gates this process's dispatches: the policy's label and (with rules) the env."""
+        if not self.policy.rules:
+            return NO_POLICY
+        return f"{self.policy.label} env={self._env}"
+
+    @property
+    def _env(self) -> str:  # the env fact as the policy compares it; none without rules
+        return self.settings.env.strip().lower() if self.policy.rules else ""
+
+    def record_policy(self, worker: str) -> None:
+        """A worker starts: record the policy it gates with (``check_policy`` compares)."""
+        try:
+            self.store.record_policy(self.policy_fingerprint, policy=self.policy.label,
+                                     env=self._env, source=self.policy.source, worker=worker)
+        except Exception:  # the database may be down at start-up: the worker still runs
+            log.warning("could not record the policy this worker loaded", exc_info=True)
+
+    def check_policy(self) -> None:
+        """Refuse to dispatch ungated, or under another env, than the workers.
+
+        A process without the workers' policy would dispatch what they would deny (a CLI
+        ``retry`` from a shell without ``SAGAQ_POLICY_FILE``); the same file under another
+        ``SAGAQ_ENV`` would too. Another version of the policy only warns: approvals are
+        re-checked against the rule as it reads now.
+        """
+        current = self.store.current_policy()
+        mine = self.policy_fingerprint
+        if current is None or current.fingerprint == mine:
+            return
+        theirs = f"policy {current.fingerprint} (from {current.source}, loaded by worker " \
+                 f"{current.worker})"
+        if not self.policy.rules or (current.env and current.env != self._env):
+            raise ConfigurationError(
+                f"the workers gate with {theirs} but this process has {mine}: set "
+                "SAGAQ_POLICY_FILE and SAGAQ_ENV as the workers have them; nothing was done"
+            )
+        log.warning("this process gates with policy %s, the workers with %s: dispatches "
+                    "from here follow this process's policy", mine, theirs)
 
     @property
     def app(self) -> Celery:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -13,6 +14,9 @@ from sagaq.ladder import Bounds
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/sagaq"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+MAX_APPROVAL_DEADLINE = 366 * 86400.0  # beyond a year a deadline is a typo, and near 10^11 s
+# it overflows a datetime when the request is parked, after the previous step's effect
+_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^:/@]*:)[^@/]*(@)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,17 @@ class Settings:
     pool_size: int = 2  # per process: connections ~ concurrency * (pool + overflow)
     max_overflow: int = 2
 
+    def __repr__(self) -> str:
+        """Every field, but never a password or the secret key (settings end up in logs)."""
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("database_url", "broker_url"):
+            shown[name] = _PASSWORD.sub(r"\1***\2", shown[name])
+        if self.secret_key:
+            shown["secret_key"] = "***"
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+    __str__ = __repr__
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         env = os.environ if env is None else env
@@ -70,6 +85,11 @@ class Settings:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigurationError(f"SAGAQ_{name.upper()} must be a finite number >= 0")
+        if self.approval_deadline > MAX_APPROVAL_DEADLINE:
+            raise ConfigurationError(
+                f"SAGAQ_APPROVAL_DEADLINE must be at most {MAX_APPROVAL_DEADLINE:.0f} seconds "
+                "(366 days)"
+            )
         if self.step_timeout <= 0:
             raise ConfigurationError("SAGAQ_STEP_TIMEOUT must be > 0 seconds")
         if self.step_timeout + self.lease_margin >= self.visibility_timeout:

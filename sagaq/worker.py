@@ -80,6 +80,12 @@ def create_app(runtime: Runtime, *, main: str = "sagaq") -> Celery:
         runtime.store.dispose(close=False)
 
     signals.worker_process_init.connect(_after_fork, weak=False)
+
+    def _loaded(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app:  # the signal is global: this app's workers
+            runtime.record_policy(str(sender.hostname))
+
+    signals.worker_init.connect(_loaded, weak=False)
     return app
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from collections import defaultdict
 from typing import Any
+from urllib.parse import quote
 
 from sagaq import EnvironmentalError, Saga, Secret, StepContext, TerminalError, TransientError
 from sagaq.ladder import Bounds
@@ -201,4 +203,36 @@ def issue_token(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
 @leaky.step(no_rollback="fails before any effect")
 def use_token(ctx: StepContext, inp: dict[str, Any]) -> None:
     token = ctx.results["issue_token"]["token"].reveal()
+    if inp.get("form") == "url":  # as HTTP clients quote it: URL-encoded, or in Basic auth
+        raise TerminalError(f"401 Unauthorized for GET /v1?token={quote(token, safe='')}")
+    if inp.get("form") == "basic":
+        basic = base64.b64encode(f"svc:{token}".encode()).decode()
+        raise TerminalError(f"401 Unauthorized for Authorization: Basic {basic}")
     raise TerminalError(f"401 Unauthorized for Authorization: Bearer {token}")
+
+
+# -- marked: a step whose own result looks like a sealed secret ----------------------------
+
+marked = Saga("marked_result")
+
+
+@marked.step(no_rollback="no effect")
+def look_alike(ctx: StepContext, inp: dict[str, Any]) -> dict[str, Any]:
+    return {"data": {"$secret": "not sealed, just a field"}, "wrapped": {"$literal": 1}}
+
+
+@marked.step(no_rollback="no effect")
+def read_back(ctx: StepContext, inp: dict[str, Any]) -> None:
+    got = ctx.results["look_alike"]
+    if got != {"data": {"$secret": "not sealed, just a field"}, "wrapped": {"$literal": 1}}:
+        raise TerminalError(f"the result came back changed: {got!r}")
+
+
+# -- hostile: a step whose error says whatever its input says (markup, escapes) -------------
+
+hostile = Saga("hostile_error")
+
+
+@hostile.step(no_rollback="fails before any effect")
+def say(ctx: StepContext, inp: dict[str, Any]) -> None:
+    raise TerminalError(str(inp.get("message", "")))

@@ -36,6 +36,9 @@ class Notice:
     details: dict[str, Any] = field(default_factory=dict)
     commands: tuple[str, ...] = ()  # the exact commands to act on it
     note: str | None = None  # e.g. the operator's note on resolve
+    # This notification's own id, the same on every retry of its delivery: what a receiver
+    # dedupes on. (``dedup_key`` names the incident, which several notices share.)
+    id: str = ""
 
 
 # Well-known ``Notice.details`` keys: notifiers render these specially; any other key is passed

@@ -92,6 +92,7 @@ def build_notice(store: Store, n: NotificationRecord) -> Notice:
             f'sagaq resolve {saga.id} --note "what you did"',
         ),
         note=n.note,
+        id=f"sagaq/{saga.id}/notification-{n.id}",
     )
 
 

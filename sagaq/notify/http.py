@@ -18,6 +18,7 @@ from enum import Enum
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
 import httpx
 
 from sagaq.notify.base import LINKS, DeliveryError, Notice
@@ -188,9 +189,11 @@ def post_bytes(
 ) -> httpx.Response:
     """POST already-serialised JSON ``data`` (e.g. bytes that were signed) to ``url``.
 
-    Network errors and timeouts become retryable :class:`DeliveryError`; HTTP statuses are
-    mapped by :func:`check_response`. ``secrets`` are scrubbed from any error message on top of
-    the URL itself. A ``client`` passed in is used as is and left open.
+    ``timeout`` is a total deadline for the whole delivery (connect, send, response), not
+    only per read. Network errors and timeouts become retryable :class:`DeliveryError`; HTTP
+    statuses are mapped by :func:`check_response`. A ``client`` passed in (tests, custom
+    transports) is used as is and left open, with httpx's per-phase timeouts only.
+    ``secrets`` are scrubbed from any error message on top of the URL itself.
     """
     secrets = tuple(secrets)
     sent = {"Content-Type": "application/json", "User-Agent": USER_AGENT, **(headers or {})}
@@ -199,8 +202,12 @@ def post_bytes(
         if client is not None:
             response = client.post(url, content=data, headers=sent, timeout=timeout)
         else:
-            with httpx.Client(timeout=timeout, follow_redirects=False) as own:
-                response = own.post(url, content=data, headers=sent)
+            response = anyio.run(_post_within, url, data, sent, timeout)
+    except TimeoutError:  # the total deadline: a server dripping bytes never trips a read
+        raise DeliveryError(
+            f"{channel}: timed out after {timeout:g}s posting to {where} (total deadline)",
+            retryable=True,
+        ) from None
     except httpx.TimeoutException as exc:
         raise DeliveryError(
             f"{channel}: timed out after {timeout:g}s posting to {where} ({type(exc).__name__})",
@@ -219,6 +226,19 @@ def post_bytes(
     except httpx.InvalidURL:
         raise DeliveryError(f"{channel}: invalid endpoint URL ({where})", retryable=False) from None
     return check_response(response, url, channel=channel, secrets=secrets)
+
+
+async def _post_within(url: str, data: bytes, headers: Mapping[str, str],
+                       timeout: float) -> httpx.Response:
+    """POST and read the whole response within ``timeout`` seconds in total.
+
+    httpx's timeouts bound each connect, write and read, not the request: an endpoint that
+    sends a byte every second holds a sync call for as long as it likes. Cancellation on the
+    async client ends the request at the deadline, whatever phase it is in.
+    """
+    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as own:
+        with anyio.fail_after(timeout):
+            return await own.post(url, content=data, headers=headers)
 
 
 def post_json(

@@ -5,12 +5,9 @@ from __future__ import annotations
 import logging
 
 from sagaq.notify.base import Action, Kind, Notice
+from sagaq.text import one_line as _one_line
 
 LOGGER_NAME = "sagaq.notify"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 class LogNotifier:
@@ -38,7 +35,8 @@ class LogNotifier:
                 level = logging.ERROR
             else:
                 level = logging.WARNING
-            note = f" note={_one_line(notice.note)!r}" if notice.note else ""
+            # Step text is written out (escapes, bidi), so a log viewer shows it, never runs it.
+            note = f" note='{_one_line(notice.note)}'" if notice.note else ""
             commands = " | ".join(_one_line(c) for c in notice.commands) or "-"
             self.logger.log(
                 level,
@@ -46,10 +44,10 @@ class LogNotifier:
                 notice.kind.value.upper(),
                 notice.action.value,
                 _one_line(notice.summary),
-                notice.saga_name,
-                notice.saga_id,
+                _one_line(notice.saga_name),
+                _one_line(notice.saga_id),
                 notice.state,
-                notice.dedup_key,
+                _one_line(notice.dedup_key),
                 note,
                 commands,
             )

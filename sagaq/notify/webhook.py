@@ -6,11 +6,18 @@ How a receiver verifies a delivery::
     ok = hmac.compare_digest(expected, request.headers["X-Sagaq-Signature"])
 
 ``raw_body`` must be the bytes as received, before any JSON parsing or re-encoding
-(:func:`verify_signature` does exactly this). There is deliberately no timestamp in the signed
-material: delivery is at-least-once (the outbox retries), so a receiver must already treat
-notices as idempotent by ``dedup_key`` + ``action``, and a replayed body can only repeat a
-notice it has seen. Receivers that want freshness can check ``created_at`` in the body, which
-is covered by the signature.
+(:func:`verify_signature` does exactly this).
+
+**What to dedupe on.** Delivery is at-least-once (the outbox retries), so a receiver must treat
+notices as idempotent by their ``id``: every notification has its own, the same on every retry
+of its delivery, and it is in the signed body. Do not dedupe on ``dedup_key`` + ``action``:
+``dedup_key`` names the *incident*, which several notices share (the "rolling back" notice and
+an "approval needed" request, two successive approval requests), and deduping on it drops
+them. Group by ``dedup_key`` instead, to thread the notices of one incident together.
+
+There is deliberately no timestamp in the signed material: a replayed body can only repeat a
+notice already seen (same ``id``). Receivers that want freshness can check ``created_at`` in
+the body, which is covered by the signature.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ def verify_signature(secret: str | bytes, body: bytes, header: str | None) -> bo
 def notice_to_dict(notice: Notice) -> dict[str, Any]:
     """The notice as plain JSON values: the webhook body, and a stable shape for receivers."""
     return {
+        "id": notice.id,  # what a receiver dedupes on (see the module's docstring)
         "saga_id": notice.saga_id,
         "saga_name": notice.saga_name,
         "kind": notice.kind.value,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from sagaq.errors import InputError, UnknownSagaError
+from sagaq.keys import MIN_PREFIX
 from sagaq.machine import Direction
 from sagaq.store.base import Lost, StoreBase
 from sagaq.store.faults import Write
@@ -26,11 +27,15 @@ class Approvals(StoreBase):
             return [approval_record(r) for r in conn.execute(query)]
 
     def find_approval(self, ref: str) -> ApprovalRecord:
-        """An approval by its id or a unique prefix of at least 6 characters."""
+        """An approval by its id or a unique prefix of at least ``MIN_PREFIX`` characters,
+        matched literally (``_`` and ``%`` are not wildcards)."""
+        ref = ref.strip()
         with self.engine.connect() as conn:
             rows = conn.execute(
-                sa.select(APPROVALS).where(APPROVALS.c.id.startswith(ref.strip())).limit(2)
-            ).all() if len(ref.strip()) >= 6 else []
+                sa.select(APPROVALS)
+                .where(APPROVALS.c.id.startswith(ref, autoescape=True))
+                .limit(2)
+            ).all() if len(ref) >= MIN_PREFIX else []
         if len(rows) != 1:
             more = " (more than one matches)" if len(rows) > 1 else ""
             raise UnknownSagaError(f"no approval request {ref!r}{more}; see `sagaq approvals`")

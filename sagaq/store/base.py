@@ -452,7 +452,7 @@ class StoreBase:
             id=request, saga_id=saga.id, step=new.step, direction=new.direction.value,
             step_run_id=run_id, rule_id=rule.id, rule_fingerprint=rule.fingerprint,
             policy_version=self.gate.policy.label, status="pending", deadline=deadline,
-            requested_at=tl.now,
+            requested_at=tl.now, requested_by=tl.worker,
         ).on_conflict_do_nothing()
         existing = conn.execute(
             sa.select(APPROVALS.c.status).where(APPROVALS.c.id == request)
@@ -463,7 +463,7 @@ class StoreBase:
                 sa.update(APPROVALS).where(APPROVALS.c.id == request).values(
                     status="pending", deadline=deadline, requested_at=tl.now,
                     step_run_id=run_id, decided_at=None, decided_by=None, decided_under=None,
-                    note=None, policy_version=self.gate.policy.label,
+                    note=None, policy_version=self.gate.policy.label, requested_by=tl.worker,
                 )
             )
             tl.add("approval.requested", step=new.step, run_id=run_id,

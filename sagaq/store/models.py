@@ -277,6 +277,9 @@ class ApprovalModel(Base):
     decided_by: Mapped[str | None] = mapped_column(sa.String(200))
     decided_under: Mapped[str | None] = mapped_column(sa.String(64))  # policy version then
     note: Mapped[str | None] = mapped_column(sa.Text)
+    # Whose action dispatched the step (a worker, or the operator who retried): so that a
+    # policy can one day forbid approving one's own request.
+    requested_by: Mapped[str | None] = mapped_column(sa.String(255))
 
     __table_args__ = (
         sa.Index("ix_sagaq_approvals_saga_id", "saga_id"),
@@ -289,6 +292,20 @@ class ApprovalModel(Base):
     )
 
 
+class PolicyFingerprintModel(Base):
+    """A policy (and env) a worker loaded: a dispatching process compares its own to it."""
+
+    __tablename__ = "sagaq_policy_fingerprints"
+
+    fingerprint: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    policy: Mapped[str] = mapped_column(sa.String(64))  # the policy's label, version@digest
+    env: Mapped[str] = mapped_column(sa.String(200))
+    source: Mapped[str] = mapped_column(sa.Text)  # the file it was read from
+    worker: Mapped[str] = mapped_column(sa.String(255))  # the last worker that loaded it
+    first_loaded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    loaded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 metadata = Base.metadata
 
 # Core tables, for the store's SQL.
@@ -299,3 +316,4 @@ OUTBOX = cast(sa.Table, OutboxModel.__table__)
 NOTIFICATIONS = cast(sa.Table, NotificationModel.__table__)
 RESOURCES = cast(sa.Table, ResourceModel.__table__)
 APPROVALS = cast(sa.Table, ApprovalModel.__table__)
+POLICY_FINGERPRINTS = cast(sa.Table, PolicyFingerprintModel.__table__)

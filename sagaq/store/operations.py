@@ -23,6 +23,7 @@ from sagaq.store.faults import Write
 from sagaq.store.liveness import Liveness
 from sagaq.store.models import EVENTS, OUTBOX, RESOURCES, RUNS, SAGAS
 from sagaq.store.notices import Notices
+from sagaq.store.policies import Policies
 from sagaq.store.records import (
     Claim,
     ClaimStatus,
@@ -48,7 +49,7 @@ class _Row:
 _FINAL_RUN = {StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.UNKNOWN}
 
 
-class Store(Approvals, Liveness, Notices, Resources, Sweeps, Views):
+class Store(Approvals, Liveness, Notices, Policies, Resources, Sweeps, Views):
     """Named operations over the sagaq tables."""
 
     # -- starting -----------------------------------------------------------------------

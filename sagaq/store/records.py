@@ -157,6 +157,20 @@ class ApprovalRecord:
     decided_by: str | None
     decided_under: str | None
     note: str | None
+    requested_by: str | None = None  # whose action dispatched the step
+
+
+@dataclass(frozen=True)
+class PolicyFingerprint:
+    """The policy and env a worker loaded, as recorded in the database."""
+
+    fingerprint: str
+    policy: str
+    env: str
+    source: str
+    worker: str
+    first_loaded_at: datetime
+    loaded_at: datetime
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ class Views:
         with self.engine.connect() as conn:
             return list(
                 conn.execute(
-                    sa.select(SAGAS.c.id).where(SAGAS.c.id.startswith(prefix)).limit(limit)
+                    sa.select(SAGAS.c.id).where(SAGAS.c.id.startswith(prefix, autoescape=True))
+                    .limit(limit)
                 ).scalars()
             )
 

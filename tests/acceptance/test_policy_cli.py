@@ -82,9 +82,31 @@ def test_policy_check_accepts_a_valid_file(path: Path) -> None:
     assert done.returncode == 0, done.stderr
     loaded = policy_module.load(path)
     rules = ", ".join(f"{r.id}: {r.decision.value}" for r in loaded.rules)
-    assert done.stdout.strip() == (
-        f"{path}: ok, policy {loaded.label}, {len(loaded.rules)} rule(s) ({rules})"
+    first, note = done.stdout.strip().splitlines()
+    assert first == f"{path}: ok, policy {loaded.label}, {len(loaded.rules)} rule(s) ({rules})"
+    assert note.startswith("note: a rule without `direction` gates forward steps and "
+                           "compensations alike")
+    assert done.stderr == ""  # no warnings for these
+
+
+def test_policy_check_warns_about_rules_that_can_never_fire(tmp_path: Path) -> None:
+    path = tmp_path / "traps.yaml"
+    path.write_text(
+        "version: v1\nrules:\n"
+        "  - id: deny-unless-approved\n"
+        "    when: {topic: 'infra.*', approval_present: false}\n    decision: deny\n"
+        "  - id: ask-infra\n    when: {topic: 'infra.*', env: production}\n"
+        "    decision: require_human\n"
+        "  - id: db\n    when: {tags: 'team.db*', direction: forward}\n    decision: deny\n"
     )
+    done = cli("policy", "check", str(path))
+    assert done.returncode == 0, done.stderr
+    warnings = done.stderr.strip().splitlines()
+    assert [w.split(":")[1].split()[1] for w in warnings] == [
+        "deny-unless-approved", "ask-infra", "db"
+    ], warnings
+    assert all(w.startswith("warning: rule ") for w in warnings)
+    assert "never" in warnings[0] and "never decides" in warnings[1] and "team.db.*" in warnings[2]
 
 
 @pytest.mark.parametrize(

@@ -407,7 +407,7 @@ def test_webhook_body_and_signature(server: Recorder) -> None:
     body = request.json()
     assert body == notice_to_dict(PAGE)
     assert set(body) == {
-        "saga_id", "saga_name", "kind", "action", "dedup_key", "summary", "severity",
+        "id", "saga_id", "saga_name", "kind", "action", "dedup_key", "summary", "severity",
         "created_at", "state", "details", "commands", "note",
     }  # fmt: skip
     assert (body["kind"], body["action"]) == ("page", "trigger")

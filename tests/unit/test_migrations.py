@@ -43,7 +43,7 @@ ORPHANED = "ix_sagaq_resources_orphaned"
 APPROVALS_PENDING = "ix_sagaq_approvals_pending"
 
 
-LATEST = "0004"  # the newest migration: bump it with every new one
+LATEST = "0006"  # the newest migration: bump it with every new one
 
 # Columns in the order the migrations create them: 0001's, then what each later one appends.
 COLUMNS = {
@@ -82,6 +82,10 @@ COLUMNS = {
         "id", "saga_id", "step", "direction", "step_run_id", "rule_id", "rule_fingerprint",
         "policy_version", "status", "deadline", "requested_at", "decided_at", "decided_by",
         "decided_under", "note",
+        "requested_by",  # 0006
+    ],
+    "sagaq_policy_fingerprints": [  # 0006
+        "fingerprint", "policy", "env", "source", "worker", "first_loaded_at", "loaded_at",
     ],
 }  # fmt: skip
 TABLES = set(COLUMNS)
@@ -115,7 +119,7 @@ UNIQUE = {
 }
 FOREIGN_KEYS = {
     f"fk_{t}_saga_id_sagaq_sagas"
-    for t in TABLES - {"sagaq_sagas"}  # every other table belongs to a saga
+    for t in TABLES - {"sagaq_sagas", "sagaq_policy_fingerprints"}  # the rest: a saga's
 }
 # Postgres backs every primary key and unique constraint with an index of the same name.
 PG_INDEXES = PRIMARY_KEYS | UNIQUE | INDEXES
@@ -530,7 +534,7 @@ def test_sqlite_catalog_equals_create_all(sqlite_engine: sa.Engine, tmp_path: Pa
     finally:
         reference.dispose()
     assert set(expected) == TABLES | INDEXES  # every table and named index
-    assert len(expected) == 7 + 12  # 7 tables, 12 named indexes
+    assert len(expected) == 8 + 12  # 8 tables, 12 named indexes
     migrated = sqlite_catalog(sqlite_engine)
     assert comparable(migrated) == comparable(expected)
     assert columns_in_order(sqlite_engine) == COLUMNS
@@ -773,9 +777,9 @@ def test_postgres_catalog_equals_create_all(pg_engine: sa.Engine) -> None:
         with pg_engine.begin() as conn:
             conn.exec_driver_sql("DROP SCHEMA from_models CASCADE")
     assert set(expected["indexes"]) == PG_INDEXES
-    assert len(expected["indexes"]) == 25  # 7 primary keys, 6 unique constraints, 12 indexes
+    assert len(expected["indexes"]) == 26  # 8 primary keys, 6 unique constraints, 12 indexes
     assert set(expected["constraints"]) == PG_CONSTRAINTS
-    assert len(expected["constraints"]) == 19  # 7 primary keys, 6 unique, 6 foreign keys
+    assert len(expected["constraints"]) == 20  # 8 primary keys, 6 unique, 6 foreign keys
     assert set(expected["columns"]) == {f"{t}.{c}" for t, cols in COLUMNS.items() for c in cols}
     for part in PG_CATALOG:
         assert migrated[part] == expected[part], part

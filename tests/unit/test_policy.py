@@ -80,7 +80,9 @@ TEXT_ROWS = [
     # fact, pattern(s), actual value, matches?
     ("env", "production", "production", True),
     ("env", "production", "staging", False),
-    ("env", "Production", "production", False),  # case matters
+    ("env", "Production", "production", True),  # env: case and spaces do not matter
+    ("env", "production", " PRODUCTION ", True),
+    ("saga", "Offboard_agent", "offboard_agent", False),  # other facts: case matters
     ("env", "prod*", "production", True),
     ("env", "prod*", "preprod", False),  # a pattern matches the whole value
     ("env", "*prod*", "preprod", True),

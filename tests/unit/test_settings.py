@@ -212,3 +212,23 @@ def test_step_timeout_and_lease_margin_must_be_sane(var: str, raw: str) -> None:
     with pytest.raises(ConfigurationError) as info:
         Settings.from_env({var: raw})
     assert var in str(info.value)
+
+
+def test_repr_masks_passwords_and_the_secret_key() -> None:
+    key = "Zx9kQ3s3cr3tK3yZx9kQ3s3cr3tK3yZx9kQ3s3cr3t="
+    s = Settings(database_url="postgresql+psycopg://sagaq:hunter2pw@db:5432/sagaq",
+                 broker_url="redis://:r3dispw@redis:6379/0", secret_key=key)
+    shown = repr(s)
+    for leaked in ("hunter2pw", "r3dispw", key, key[:12]):
+        assert leaked not in shown, shown
+    assert "postgresql+psycopg://sagaq:***@db:5432/sagaq" in shown
+    assert "redis://:***@redis:6379/0" in shown and "secret_key='***'" in shown
+    assert str(s) == shown and "retries=3" in shown
+    assert "secret_key=''" in repr(Settings())  # an unset key says so: nothing to hide
+
+
+@pytest.mark.parametrize("raw", ["1e12", "inf", "31622401"])
+def test_an_approval_deadline_beyond_a_year_is_refused(raw: str) -> None:
+    with pytest.raises(ConfigurationError, match="SAGAQ_APPROVAL_DEADLINE"):
+        Settings.from_env({"SAGAQ_APPROVAL_DEADLINE": raw})
+    assert Settings.from_env({"SAGAQ_APPROVAL_DEADLINE": "31536000"}).approval_deadline == 31536000
