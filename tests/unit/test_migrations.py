@@ -43,7 +43,7 @@ ORPHANED = "ix_sagaq_resources_orphaned"
 APPROVALS_PENDING = "ix_sagaq_approvals_pending"
 
 
-LATEST = "0006"  # the newest migration: bump it with every new one
+LATEST = "0005"  # the newest migration: bump it with every new one
 
 # Columns in the order the migrations create them: 0001's, then what each later one appends.
 COLUMNS = {
@@ -82,9 +82,9 @@ COLUMNS = {
         "id", "saga_id", "step", "direction", "step_run_id", "rule_id", "rule_fingerprint",
         "policy_version", "status", "deadline", "requested_at", "decided_at", "decided_by",
         "decided_under", "note",
-        "requested_by",  # 0006
+        "requested_by",  # 0005
     ],
-    "sagaq_policy_fingerprints": [  # 0006
+    "sagaq_policy_fingerprints": [  # 0005
         "fingerprint", "policy", "env", "source", "worker", "first_loaded_at", "loaded_at",
     ],
 }  # fmt: skip
