@@ -142,6 +142,13 @@ class StepRunModel(Base):
             postgresql_where=sa.text(_active_steps),
             sqlite_where=sa.text(_active_steps),
         ),
+        # Runs whose unknown outcome is being resolved: the lease sweep reads them too.
+        sa.Index(
+            "ix_sagaq_step_runs_unresolved",
+            "lease_expires_at",
+            postgresql_where=sa.text("status = 'unknown' AND finished_at IS NULL"),
+            sqlite_where=sa.text("status = 'unknown' AND finished_at IS NULL"),
+        ),
     )
 
 

@@ -109,7 +109,9 @@ class Notices(StoreBase):
                 conn.execute(
                     sa.update(OUTBOX)
                     .where(OUTBOX.c.id == row.id)
-                    .values(available_at=due, republished_at=None, republished=0)
+                    .values(available_at=due, republished=0,
+                            # published now with a countdown, or due for the reconciler
+                            republished_at=None if durable else now)
                 )
                 again = Dispatch(row.task_name, (row.args[0], row.args[1]), row.message_id,
                                  retry_in)

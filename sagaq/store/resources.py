@@ -109,8 +109,9 @@ class Resources(StoreBase):
             if retry_in is not None and row is not None:
                 conn.execute(
                     sa.update(OUTBOX).where(OUTBOX.c.id == row.id)
-                    .values(available_at=now + timedelta(seconds=retry_in), republished_at=None,
-                            republished=0)
+                    .values(available_at=now + timedelta(seconds=retry_in), republished=0,
+                            # published now with a countdown, or due for the reconciler
+                            republished_at=None if durable else now)
                 )
                 conn.execute(
                     sa.update(RESOURCES).where(RESOURCES.c.id == res.id)

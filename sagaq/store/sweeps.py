@@ -106,13 +106,18 @@ class Sweeps(StoreBase):
             wait = sa.func.least(grace * sa.func.power(2, sa.func.least(OUTBOX.c.republished,
                                                                         12)), 3600.0)
             again_at = OUTBOX.c.republished_at + sa.func.make_interval(0, 0, 0, 0, 0, 0, wait)
+            # A notice or release retried later with a wait too long for a countdown was
+            # never published: it is due at available_at, without the grace.
+            due = sa.and_(OUTBOX.c.step_run_id.is_(None), OUTBOX.c.republished_at.is_(None),
+                          OUTBOX.c.available_at > OUTBOX.c.created_at,
+                          OUTBOX.c.available_at <= db_now)
+            overdue = sa.and_(
+                OUTBOX.c.available_at <= self.db_in(-grace),
+                sa.or_(OUTBOX.c.republished_at.is_(None), again_at <= db_now),
+            )
             rows = conn.execute(
                 sa.select(OUTBOX)
-                .where(
-                    OUTBOX.c.available_at <= self.db_in(-grace),
-                    sa.or_(OUTBOX.c.republished_at.is_(None), again_at <= db_now),
-                    ~held,
-                )
+                .where(sa.or_(due, overdue), ~held)
                 .order_by(sa.func.coalesce(OUTBOX.c.republished_at, OUTBOX.c.available_at))
                 .limit(batch)
                 .with_for_update(skip_locked=True)

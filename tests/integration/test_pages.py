@@ -202,7 +202,12 @@ def delivered(rt: Runtime, saga_id: str, count: int | None = None) -> list[Notif
     def done() -> bool:
         found = rt.store.notifications(saga_id)
         enough = len(found) >= count if count is not None else bool(found)
-        return enough and all(n.status in ("sent", "failed") for n in found)
+        if enough and all(n.status in ("sent", "failed") for n in found):
+            return True
+        # A retry whose backoff is longer than SAGAQ_COUNTDOWN_MAX waits in PostgreSQL:
+        # the reconciler (beat, in a deployment) publishes it when it is due.
+        rt.reconcile()
+        return False
 
     wait_for("the notifications to be delivered", done)
     return rt.store.notifications(saga_id)

@@ -43,7 +43,7 @@ ORPHANED = "ix_sagaq_resources_orphaned"
 APPROVALS_PENDING = "ix_sagaq_approvals_pending"
 
 
-LATEST = "0005"  # the newest migration: bump it with every new one
+LATEST = "0006"  # the newest migration: bump it with every new one
 
 # Columns in the order the migrations create them: 0001's, then what each later one appends.
 COLUMNS = {
@@ -107,6 +107,7 @@ INDEXES = {
     ORPHANED,  # 0003
     "ix_sagaq_approvals_saga_id",  # 0004
     APPROVALS_PENDING,  # 0004
+    "ix_sagaq_step_runs_unresolved",  # 0006
 }
 PRIMARY_KEYS = {f"pk_{t}" for t in TABLES}
 UNIQUE = {
@@ -534,7 +535,7 @@ def test_sqlite_catalog_equals_create_all(sqlite_engine: sa.Engine, tmp_path: Pa
     finally:
         reference.dispose()
     assert set(expected) == TABLES | INDEXES  # every table and named index
-    assert len(expected) == 8 + 12  # 8 tables, 12 named indexes
+    assert len(expected) == 8 + 13  # 8 tables, 13 named indexes
     migrated = sqlite_catalog(sqlite_engine)
     assert comparable(migrated) == comparable(expected)
     assert columns_in_order(sqlite_engine) == COLUMNS
@@ -777,7 +778,7 @@ def test_postgres_catalog_equals_create_all(pg_engine: sa.Engine) -> None:
         with pg_engine.begin() as conn:
             conn.exec_driver_sql("DROP SCHEMA from_models CASCADE")
     assert set(expected["indexes"]) == PG_INDEXES
-    assert len(expected["indexes"]) == 26  # 8 primary keys, 6 unique constraints, 12 indexes
+    assert len(expected["indexes"]) == 27  # 8 primary keys, 6 unique constraints, 13 indexes
     assert set(expected["constraints"]) == PG_CONSTRAINTS
     assert len(expected["constraints"]) == 20  # 8 primary keys, 6 unique, 6 foreign keys
     assert set(expected["columns"]) == {f"{t}.{c}" for t, cols in COLUMNS.items() for c in cols}
