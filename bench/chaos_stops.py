@@ -101,8 +101,13 @@ class Stopper:
         except ProcessLookupError:
             return None
         time.sleep(STOP_CHECK)
-        if not _still_running(rt, run_id):  # it finished (or its commit was in flight): the
-            _resume(pid, whole)  # stop caught nothing mid-step; try again at the next tick
+        try:
+            caught = _still_running(rt, run_id)
+        except Exception:  # the database is restarting: never leave a process stopped
+            _resume(pid, whole)
+            raise
+        if not caught:  # it finished (or its commit was in flight): the stop caught nothing
+            _resume(pid, whole)  # mid-step; try again at the next tick
             return None
         self.current = Stop(worker, pid, child, whole, now + self.duration, step, run_id)
         self.history.append(self.current)
