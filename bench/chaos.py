@@ -235,7 +235,8 @@ def _run(args: argparse.Namespace, rng: random.Random, settings: Settings, stand
         del tally["late_writes_won_detail"]
     figures.update(tally)
     figures.update(kills=chaos.kills, flushes=chaos.flushes, pg_restarts=chaos.pg_restarts,
-                   sigstops=stopper.done, duplicates_published=chaos.duplicates,
+                   sigstops=stopper.done, db_error_rate=args.db_errors,
+                   duplicates_published=chaos.duplicates,
                    wall_s=round(time.monotonic() - started, 1), seed=args.seed,
                    workers=args.workers, concurrency=args.concurrency)
     if args.verbose:

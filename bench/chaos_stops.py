@@ -37,6 +37,7 @@ from sagaq.store.models import RUNS
 Hook = Callable[[Any, Any], None]
 SETTLE_AFTER_CONT = 3.0  # seconds the run goes on after a SIGCONT: the zombie's writes land
 CHILD_HEAD_START = 1.0  # seconds the stopped step's process runs before its parent resumes
+STOP_CHECK = 0.3  # after a SIGSTOP, the step must still be running this long after: mid-step
 
 
 @dataclass
@@ -99,6 +100,15 @@ class Stopper:
                 os.kill(pid, signal.SIGSTOP)
         except ProcessLookupError:
             return None
+        time.sleep(STOP_CHECK)
+        try:
+            caught = _still_running(rt, run_id)
+        except Exception:  # the database is restarting: never leave a process stopped
+            _resume(pid, whole)
+            raise
+        if not caught:  # it finished (or its commit was in flight): the stop caught nothing
+            _resume(pid, whole)  # mid-step; try again at the next tick
+            return None
         self.current = Stop(worker, pid, child, whole, now + self.duration, step, run_id)
         self.history.append(self.current)
         self.done += 1
@@ -108,12 +118,22 @@ class Stopper:
     def release(self) -> None:
         """Resume whatever is still stopped (the run is ending: processes get killed next)."""
         if self.current is not None:
-            with contextlib.suppress(ProcessLookupError):
-                if self.current.whole:
-                    os.killpg(self.current.pid, signal.SIGCONT)
-                else:
-                    os.kill(self.current.pid, signal.SIGCONT)
+            _resume(self.current.pid, self.current.whole)
             self.current = None
+
+
+def _resume(pid: int, whole: bool) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        if whole:
+            os.killpg(pid, signal.SIGCONT)
+        else:
+            os.kill(pid, signal.SIGCONT)
+
+
+def _still_running(rt: Runtime, run_id: int) -> bool:
+    with rt.store.engine.connect() as conn:
+        status = conn.execute(sa.select(RUNS.c.status).where(RUNS.c.id == run_id)).scalar()
+    return bool(status == StepStatus.RUNNING.value)
 
 
 def _running_step(rt: Runtime, names: list[str]) -> tuple[int, int, str, int] | None:
@@ -190,6 +210,7 @@ def read_tally(path: Path) -> dict[str, Any]:
         "crash_points_swept": len(points),
         "late_writes_lost": kinds["late_write_lost"],
         "late_writes_won": kinds["late_write_won"],
+        "late_writes_raised": kinds["late_write_raised"],
         "late_writes_won_detail": won[:10],
         "redeliveries": kinds["redelivered"],
     }

@@ -6,8 +6,8 @@ needs to see inside a worker:
 - ``SAGAQ_CHAOS_DB_ERRORS=RATE``: a fault hook on the store makes a share RATE of its
   commits fail with a database error, before the commit or after it (``Phase.BEFORE`` /
   ``Phase.AFTER`` of ``sagaq.store.faults``);
-- ``SAGAQ_CHAOS_TALLY=FILE``: each injected error, and each step attempt that wrote after
-  its lease had long expired (a process that was SIGSTOPped, then resumed: a zombie), is
+- ``SAGAQ_CHAOS_TALLY=FILE``: each injected error, and each outcome a step attempt wrote
+  after its lease had long expired (a process SIGSTOPped, then resumed: a zombie), is
   appended to FILE as one JSON line, so the controller totals them across processes, killed
   ones included (a line is written before the error is raised).
 - Redis's unacknowledged messages are swept every second (kombu's default is about every
@@ -17,6 +17,7 @@ needs to see inside a worker:
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
@@ -44,43 +45,54 @@ def install_faults(runtime: Runtime, rate: float, path: str, seed: int = 0) -> N
 
 
 def watch_late_writes(runtime: Runtime, path: str) -> None:
-    """Tally every step attempt whose write came more than its lease (plus a second) after
+    """Tally every outcome a step attempt writes more than its lease (plus a second) after
     its claim: only a stopped process is that late (prefork kills a step at its time limit).
-    Its write must have lost ("lost (...)"); one that won is a zombie's write that counted."""
-    claimed: dict[str, float] = {}
+    The write must lose; one that won is a zombie's write that counted. The time is taken
+    when the write starts, so a commit already in flight when the process stopped (it lands
+    on time; only its answer is read late) is not counted as late."""
+    claimed: dict[int, float] = {}  # thread → wall-clock time of its live claim
     s = runtime.settings
     lease = s.step_timeout + s.lease_margin  # the chaos sagas keep the default timeout
-    claim = runtime.store.claim
+    store = runtime.store
+    claim, succeed, fail = store.claim, store.succeed, store.fail
 
     def timed_claim(*args: Any, **kwargs: Any) -> Any:
+        claimed.pop(threading.get_ident(), None)
         got = claim(*args, **kwargs)
-        if got.status is ClaimStatus.CLAIMED and kwargs.get("task_id"):
-            claimed[kwargs["task_id"]] = time.time()  # wall clock: it runs on in a stop
+        if got.status is ClaimStatus.CLAIMED:
+            claimed[threading.get_ident()] = time.time()  # wall clock: it runs on in a stop
         return got
 
-    def postrun(task_id: str | None = None, task: Any = None, retval: Any = None,
-                **_: Any) -> None:
-        at = claimed.pop(task_id or "", None)
-        if at is None or not isinstance(retval, str) or time.time() - at <= lease + 1.0:
-            return
-        if retval.startswith(("succeeded", "failed")):
-            kind = "late_write_won"
-        elif retval.startswith("lost"):
-            kind = "late_write_lost"
-        else:
-            return
-        tally(path, kind, task=getattr(task, "name", "?"), word=retval,
-              seconds=round(time.time() - at, 1))
+    def watched(write: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            at = claimed.get(threading.get_ident())
+            late = at is not None and time.time() - at > lease + 1.0
+            if not late:
+                return write(*args, **kwargs)
+            took = round(time.time() - (at or 0.0), 1)
+            try:
+                outcome = write(*args, **kwargs)
+            except Exception as exc:
+                tally(path, "late_write_raised", write=write.__name__, seconds=took,
+                      error=type(exc).__name__)
+                raise
+            tally(path, "late_write_won" if outcome.won else "late_write_lost",
+                  write=write.__name__, seconds=took, note=outcome.note)
+            return outcome
+
+        return call
 
     def prerun(task: Any = None, **_: Any) -> None:
+        claimed.pop(threading.get_ident(), None)
         # Handed out again by the broker: a visibility timeout ran out, or a worker was lost.
         info = getattr(getattr(task, "request", None), "delivery_info", None) or {}
         if info.get("redelivered"):
             tally(path, "redelivered", task=getattr(task, "name", "?"))
 
-    runtime.store.claim = timed_claim  # type: ignore[method-assign]
+    store.claim = timed_claim  # type: ignore[method-assign]
+    store.succeed = watched(succeed)  # type: ignore[method-assign]
+    store.fail = watched(fail)  # type: ignore[method-assign]
     signals.task_prerun.connect(prerun, weak=False)
-    signals.task_postrun.connect(postrun, weak=False)
 
 
 runtime = default_runtime()

@@ -36,8 +36,8 @@ def test_a_short_chaos_run_loses_nothing_and_doubles_nothing() -> None:
     assert (figures["kills"], figures["flushes"], figures["pg_restarts"]) == (3, 1, 0), shown
     # The stopped worker's step was taken over; resumed, it wrote late, and lost.
     assert figures["sigstops"] == 1, shown
-    assert figures["late_writes_won"] == 0, shown
-    assert figures["late_writes_lost"] >= 1, shown
+    assert figures["late_writes_won"] == figures["late_writes_raised"] == 0, shown
+    assert figures["late_writes_lost"] >= 1, shown  # the stop caught a step mid-way
     assert figures["db_errors_injected"] == figures["crash_points_swept"] == 0, shown
     # No saga without a way forward, where the store can tell (Store.stranded, issue 10).
     expected_violations = 0 if hasattr(Store, "stranded") else None

@@ -67,17 +67,18 @@ def test_a_rate_of_0_never_fails_and_a_share_fails_about_that_share(tmp_path: Pa
 
 def test_the_tally_totals_late_writes_and_skips_a_torn_line(tmp_path: Path) -> None:
     path = tmp_path / "tally.jsonl"
-    tally(str(path), "late_write_lost", task="t", word="lost (not running)")
-    tally(str(path), "late_write_lost", task="t", word="lost (not running)")
-    tally(str(path), "late_write_won", task="t", word="succeeded")
+    tally(str(path), "late_write_lost", write="succeed", note="run 3 is no longer running")
+    tally(str(path), "late_write_lost", write="fail", note="run 4 is no longer running")
+    tally(str(path), "late_write_won", write="succeed", note="")
+    tally(str(path), "late_write_raised", write="fail", error="IntegrityError")
     tally(str(path), "redelivered", task="t")
     with open(path, "a") as f:
         f.write('{"kind": "db_err')  # a process killed mid-line
     tally("", "late_write_won")  # no file named: nothing written anywhere
     totals = read_tally(path)
-    assert (totals["late_writes_lost"], totals["late_writes_won"], totals["redeliveries"]) == (
-        2, 1, 1)
-    assert totals["late_writes_won_detail"][0]["word"] == "succeeded"
+    assert (totals["late_writes_lost"], totals["late_writes_won"], totals["late_writes_raised"],
+            totals["redeliveries"]) == (2, 1, 1, 1)
+    assert totals["late_writes_won_detail"][0]["write"] == "succeed"
     assert read_tally(tmp_path / "absent.jsonl")["db_errors_injected"] == 0
 
 

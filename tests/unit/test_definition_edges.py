@@ -250,3 +250,15 @@ def test_the_classifier_rule_says_what_a_classifier_is() -> None:
     err = refused(lambda: saga.step(name="a", side_effect=False, classify=42)(_noop))
     assert err.rule == ("classify takes a function (or a tuple of them) mapping an exception "
                         "to a FailureClass or None")
+
+
+def test_a_saga_joins_the_process_registry_unless_given_another() -> None:
+    from sagaq.definition import sagas
+
+    name = "joins_the_process_registry"
+    saga = Saga(name)
+    try:
+        assert name in sagas
+        assert sagas.get(name) is saga
+    finally:
+        sagas._sagas.pop(name, None)  # leave the process registry as it was

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from sagaq.keys import idempotency_key
+from sagaq.keys import idempotency_key, release_key
 from sagaq.machine import Direction
 
 SAGA_ID = "0b5e4c1e-2f4a-4d3e-9a51-6f3f1b0c2d7e"
@@ -78,3 +78,10 @@ def test_is_64_lowercase_hex(direction: Direction) -> None:
 def test_unknown_direction_is_rejected() -> None:
     with pytest.raises(ValueError, match="'sideways' is not a valid Direction"):
         idempotency_key(SAGA_ID, "a", "sideways")
+
+
+def test_release_key_is_the_documented_hash_and_differs_per_resource() -> None:
+    expected = hashlib.sha256(b"s-1:resource:vm:i-42:release").hexdigest()
+    assert release_key("s-1", "vm", "i-42") == expected
+    assert release_key("s-1", "vm", "i-43") != expected
+    assert release_key("s-1", "ip", "i-42") != expected

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from sagaq.ladder import Attempt, Bounds, Decision, FailureClass, Rung, StepFacts, Then, decide
+from sagaq.ladder import Attempt, Bounds, Decision, FailureClass, StepFacts, Then, decide
 from sagaq.machine import Direction
 
 FWD, BACK = Direction.FORWARD, Direction.COMPENSATE
@@ -174,7 +174,3 @@ def test_a_step_s_own_zero_backoff_is_kept() -> None:
     assert (d.then, d.delay) == (Then.RETRY, 0.0)
     d = decide(facts(0), (Attempt(0, None, T),) * 3, Bounds(base=1.0, cap=0.0), HighJitter())
     assert d.delay == 1.0  # never below base, even when the cap is
-
-
-def test_rung_is_a_plain_record() -> None:
-    assert Rung(1, False, NA, "x") == Rung(1, False, NA, "x")

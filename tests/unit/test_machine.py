@@ -251,3 +251,13 @@ def test_tidy_leaves_what_is_not_a_bare_title_alone(drawn: str) -> None:
 
 def test_tidy_keys_the_shortest_front_matter() -> None:
     assert machine._tidy("---\nt\n---") == "---\ntitle: t\n---\n"
+
+
+def test_next_state_and_can_ask_the_machine_of_their_own_saga_type() -> None:
+    # One machine per saga type (DESIGN §9), built once and then reused by every question.
+    next_state("billing", S.PENDING, "start")
+    can("billing", S.PENDING, "start")
+    info = machine_for.cache_info()
+    assert (info.misses, info.hits, info.currsize) == (1, 1, 1)
+    machine_for("billing")
+    assert machine_for.cache_info().hits == 2
