@@ -53,9 +53,12 @@ def _redis_answers(url: str) -> bool:
         return False
 
 
+NOTES: list[str] = []  # the fallbacks taken, repeated in the run's terminal summary
+
+
 def _say(line: str) -> None:
-    # Shown with `-s`; the acceptance test of the fallback reads it.
-    print(f"sagaq tests: {line}", file=sys.stderr, flush=True)
+    NOTES.append(line)
+    print(f"sagaq tests: {line}", file=sys.stderr, flush=True)  # at once, with `-s`
 
 
 def _export(name: str, url: str, cleanup: Callable[[], None]) -> tuple[str, Callable[[], None]]:

