@@ -143,3 +143,9 @@ def wait_settled(runtime: Runtime) -> Callable[..., list[SagaState]]:
             time.sleep(0.02)
 
     return wait
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    # Which throwaway servers this run started: their setup output is captured otherwise.
+    for line in services.NOTES:
+        terminalreporter.write_line(f"sagaq tests: {line}")

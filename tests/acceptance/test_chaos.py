@@ -22,6 +22,7 @@ ARGV = ["--sagas", "60", "--workers", "2", "--kills", "3", "--kill-every", "2",
         "--sigstop", "1"]
 
 
+@pytest.mark.usefixtures("pg_admin_url", "redis_base_url")  # the servers the bench uses
 @pytest.mark.slow
 def test_a_short_chaos_run_loses_nothing_and_doubles_nothing() -> None:
     figures = bench.chaos.run(ARGV)

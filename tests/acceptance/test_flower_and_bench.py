@@ -91,6 +91,7 @@ def _bench(*args: str) -> dict:
     return json.loads(done.stdout)
 
 
+@pytest.mark.usefixtures("pg_admin_url", "redis_base_url")  # the servers the bench uses
 @pytest.mark.slow
 def test_throughput_quick_reports_the_ratios_and_the_commit_count() -> None:
     out = _bench("throughput", "--cases", "ABCD")
@@ -103,6 +104,7 @@ def test_throughput_quick_reports_the_ratios_and_the_commit_count() -> None:
     assert out["cases"]["B"]["commits_per_unit"] == pytest.approx(6.0, abs=0.5)
 
 
+@pytest.mark.usefixtures("pg_admin_url", "redis_base_url")  # the servers the bench uses
 @pytest.mark.slow
 def test_enqueue_and_reconciler_quick_run() -> None:
     enqueue = _bench("enqueue")
