@@ -483,12 +483,11 @@ class Engine:
         except Exception as exc:  # no answer: still unknown (redacted: it may quote one)
             return self._failed(saga, run, step, exc, worker, task_id, ctx=ctx,
                                 expected=expected, status=u)
-        if not landed:
+        if not landed:  # known now: it did not land (so even an at_most_once step may run)
             absent = cause or TimeoutError(
                 f"{why}; verify: the effect did not land; retrying with the same key")
-            status = StepStatus.FAILED if cause is not None else u
             return self._failed(saga, run, step, absent, worker, task_id, ctx=ctx,
-                                expected=expected, status=status)
+                                expected=expected, status=StepStatus.FAILED)
         if landed is True and not step.at_most_once:
             # It landed, but a bare True says nothing of its result, which later steps and
             # the compensation may need: run it again with the same key to obtain it.
