@@ -28,6 +28,7 @@ from sagaq.store import Dispatch
 from sagaq.store.base import NOTIFY_TASK, RELEASE_TASK
 
 RECONCILE_TASK = "sagaq.reconcile"
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp", "librabbitmq")
 
 if TYPE_CHECKING:
     from sagaq.runtime import Runtime
@@ -84,22 +85,37 @@ def create_app(runtime: Runtime, *, main: str = "sagaq") -> Celery:
 
 
 def check_time_limits(runtime: Runtime) -> None:
-    """Refuse to start when a step may run past Redis's visibility timeout.
+    """Refuse to start when a step may run past the broker's redelivery limit.
 
-    Redis would hand the message of a step still running to another worker; the claim
-    would drop it, but only by luck of timing. Say which step, and what to change.
+    Redis redelivers an unacknowledged message after its visibility timeout: the claim would
+    drop the copy, but only by luck of timing. RabbitMQ closes the channel of a consumer that
+    holds a message past its ``consumer_timeout`` (30 min by default), and requeues
+    everything it held. Say which step, and what to change.
     """
     s = runtime.settings
+    var, ceiling = broker_limit(s.broker_url, s.visibility_timeout, s.consumer_timeout)
+    if s.countdown_max >= ceiling:
+        raise ConfigurationError(
+            f"SAGAQ_COUNTDOWN_MAX={s.countdown_max:g}s is not below {var}={ceiling:g}s: a "
+            "countdown message is held unacknowledged and would be redelivered"
+        )
     for saga in runtime.registry:
         for step in saga.steps:
             limit = (step.timeout or s.step_timeout) + s.lease_margin
-            if limit >= s.visibility_timeout:
+            if limit >= ceiling:
                 raise ConfigurationError(
                     f"step {saga.name}.{step.name} may run {limit:g}s (timeout + "
-                    f"SAGAQ_LEASE_MARGIN), not below SAGAQ_VISIBILITY_TIMEOUT="
-                    f"{s.visibility_timeout:g}s: lower its timeout or raise the visibility "
-                    "timeout"
+                    f"SAGAQ_LEASE_MARGIN), not below {var}={ceiling:g}s: lower its timeout "
+                    f"or raise {var}"
+                    + (" (and the broker's consumer_timeout)" if "CONSUMER" in var else "")
                 )
+
+
+def broker_limit(url: str, visibility: float, consumer: float) -> tuple[str, float]:
+    """The setting that bounds how long a message may stay unacknowledged, and its value."""
+    if url.split("://", 1)[0] in AMQP_SCHEMES:
+        return "SAGAQ_CONSUMER_TIMEOUT", consumer
+    return "SAGAQ_VISIBILITY_TIMEOUT", visibility
 
 
 def _register_edges(app: Celery, runtime: Runtime) -> None:
@@ -123,6 +139,10 @@ def _register_edges(app: Celery, runtime: Runtime) -> None:
     app.task(name=RECONCILE_TASK, shared=False, soft_time_limit=120, time_limit=150,
              expires=max(runtime.settings.reconcile_interval, 1.0))(reconcile)
 
+    # A step with its own queue= is routed there, also when sent by hand with send_task.
+    app.conf.task_routes = {
+        name: {"queue": queue} for name, queue in step_queues(runtime).items()
+    }
     app.conf.beat_schedule = {
         "sagaq-reconcile": {
             "task": RECONCILE_TASK,
@@ -130,6 +150,18 @@ def _register_edges(app: Celery, runtime: Runtime) -> None:
             "options": {"queue": runtime.settings.queue},
         }
     }
+
+
+def step_queues(runtime: Runtime) -> dict[str, str]:
+    """Task name -> queue, for the steps (and compensations) declared with ``queue=``."""
+    found: dict[str, str] = {}
+    for saga in runtime.registry:
+        for step in saga.steps:
+            if step.queue:
+                for name in (step.task_name, step.compensate_task_name):
+                    if name:
+                        found[name] = step.queue
+    return found
 
 
 def register_saga(app: Celery, runtime: Runtime, saga: Saga) -> None:
@@ -159,6 +191,7 @@ def _register(app: Celery, runtime: Runtime, step: Step, direction: Direction) -
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,
+        queue=step.queue or runtime.settings.queue,
         soft_time_limit=timeout,  # raises inside the step: a transient failure
         time_limit=timeout + runtime.settings.lease_margin / 2,  # kills it: lease expires
     )(run)
@@ -173,8 +206,13 @@ class CeleryPublisher:
 
     def __call__(self, dispatches: Sequence[Dispatch]) -> None:
         app = self._app()
+        # RabbitMQ drops a message for a queue nobody declared yet: name the queue, so that
+        # Celery declares it. Redis needs no declaration: straight into the list.
+        amqp = app.conf.broker_url.split("://", 1)[0] in AMQP_SCHEMES
         with app.producer_or_acquire() as producer:
             for d in dispatches:
+                task = app.tasks.get(d.task_name)
+                queue = getattr(task, "queue", None) or self._queue  # a step's own queue=
                 app.send_task(
                     d.task_name,
                     args=list(d.args),
@@ -182,8 +220,7 @@ class CeleryPublisher:
                     countdown=d.countdown or None,
                     # Straight into the queue: the default exchange needs no binding lookup
                     # in Redis per message, and a flushed Redis has no bindings to lose.
-                    exchange="",
-                    routing_key=self._queue,
+                    **({"queue": queue} if amqp else {"exchange": "", "routing_key": queue}),
                     producer=producer,
                 )
 
