@@ -65,8 +65,8 @@ class Settings:
 
     def validated(self) -> Settings:
         seconds = ("visibility_timeout", "consumer_timeout", "step_timeout", "lease_margin",
-                   "retry_base", "retry_cap", "countdown_max", "reconcile_interval", "republish_after", "rollback_deadline",
-                   "approval_deadline")
+                   "retry_base", "retry_cap", "countdown_max", "reconcile_interval",
+                   "republish_after", "rollback_deadline", "approval_deadline")
         for name in seconds:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
