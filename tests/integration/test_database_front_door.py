@@ -56,7 +56,7 @@ def test_an_unreachable_database_is_DatabaseUnavailable_from_enqueue(settings) -
         rt.close()
     assert isinstance(caught.value, SagaqError) and sagaq.DatabaseUnavailable is DatabaseUnavailable
     message = str(caught.value)
-    assert "cannot reach the database at postgresql+psycopg://ops:***@127.0.0.1:1/nowhere" in message
+    assert "cannot reach the database at postgresql+psycopg://ops:***@127.0.0.1:1/" in message
     assert "hunter2" not in message and "\n" not in message
 
 
