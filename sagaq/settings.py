@@ -64,6 +64,9 @@ class Settings:
         return replace(self, **changes).validated()
 
     def validated(self) -> Settings:
+        from sagaq.preflight import check_database_url
+
+        check_database_url(normalize_database_url(self.database_url))
         seconds = ("visibility_timeout", "consumer_timeout", "step_timeout", "lease_margin",
                    "retry_base", "retry_cap", "countdown_max", "reconcile_interval",
                    "republish_after", "rollback_deadline", "approval_deadline")

@@ -63,6 +63,9 @@ def celery_config(runtime: Runtime) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": False,
         "task_track_started": True,
+        # The only schedule is "reconcile every N s": nothing worth a celerybeat-schedule
+        # file in the current directory. A tick lost to a restart is harmless.
+        "beat_scheduler": "celery.beat:Scheduler",
     }
 
 

@@ -382,7 +382,9 @@ class Store(Approvals, Notices, Resources, Sweeps, Views):
                                    {"then": then.value, "failure": failure},
                                    error=error, error_type=error_type, failure=failure)
             for rung in rungs:
-                mark = "" if rung.applicable else " (not applicable)"
+                # "rung 1: not applicable: <why>", not "...not applicable (not applicable)".
+                na = not rung.applicable and rung.action != "not applicable"
+                mark = " (not applicable)" if na else ""
                 tl.add("ladder.rung", step=run.step, run_id=run.id,
                        message=f"rung {rung.level}: {rung.action}{mark}: {rung.reason}",
                        data={"level": rung.level, "applicable": rung.applicable,
