@@ -4,23 +4,35 @@
 prefix of its own, SIGKILLs workers, wipes its Redis key space once (``--flush prefix``: the
 Redis server is shared, so never a real FLUSHALL here) and publishes duplicates, then counts.
 PostgreSQL is not restarted (``--no-pg-restart``): other people use the same server.
+It runs on Redis and on RabbitMQ (a queue of its own, purged once: the "flush"); either
+way the run leaves no key, queue or exchange behind.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+import redis
 
 import bench.chaos
+from tests import services
 
 ARGV = ["--sagas", "60", "--workers", "2", "--kills", "3", "--kill-every", "2",
         "--flush", "prefix", "--no-pg-restart", "--seed", "3", "--timeout", "240"]
 
 
 @pytest.mark.slow
-def test_a_short_chaos_run_loses_nothing_and_doubles_nothing() -> None:
-    figures = bench.chaos.run(ARGV)
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_a_short_chaos_run_loses_nothing_and_doubles_nothing(broker, redis_base_url) -> None:
+    extra = ["--broker-url", services.require_amqp()] if broker == "rabbitmq" else []
+    figures = bench.chaos.run([*ARGV, "--redis-url", redis_base_url, *extra])
+    # Its own key space is gone (the queue, the unacked hash and index, the bindings).
+    client = redis.Redis.from_url(redis_base_url)
+    left = list(client.scan_iter(match=f"sagaq-chaos-{os.getpid()}_*"))
+    client.close()
+    assert left == [], left
     shown = json.dumps(figures, indent=1)
     for count in ("lost", "stuck", "duplicate_effects", "missed_compensations",
                   "doubled_compensations"):
