@@ -266,8 +266,10 @@ def embedded_worker(
     pool: str = "threads",
     hostname: str | None = None,
     loglevel: str = "WARNING",
+    queues: Sequence[str] | None = None,
 ) -> Iterator[WorkController]:
-    """Run a real Celery worker in a background thread of this process."""
+    """Run a real Celery worker in a background thread of this process, consuming
+    ``queues`` (default: SAGAQ_QUEUE)."""
     app.finalize()
     # Pool threads trace tasks through their current app: the threads pool below sets it to
     # this app in each of its threads. The default app is this one while the worker runs
@@ -286,7 +288,7 @@ def embedded_worker(
         without_heartbeat=True,
         without_mingle=True,
         without_gossip=True,
-        queues=[app.conf.task_default_queue],
+        queues=list(queues or [app.conf.task_default_queue]),
         ready_callback=None,
     )
     thread = threading.Thread(target=worker.start, name="sagaq-worker", daemon=True)
