@@ -21,7 +21,11 @@ import psycopg
 import pytest
 import redis
 
-HINT = "start them (`docker compose up -d postgres redis`) or install postgresql and redis-server"
+HINT = (
+    "start them (`docker compose up -d postgres redis`, then SAGAQ_TEST_DATABASE_URL="
+    "postgresql://postgres:$POSTGRES_PASSWORD@127.0.0.1:5432/postgres and SAGAQ_TEST_REDIS_URL="
+    "redis://:$REDIS_PASSWORD@127.0.0.1:6379/0) or install postgresql and redis-server"
+)
 
 
 def _free_port() -> int:
