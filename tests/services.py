@@ -129,7 +129,10 @@ def amqp_answers(url: str = AMQP_URL) -> bool:
 def require_amqp() -> str:
     """The RabbitMQ URL of the tests, or skip (CI runs RabbitMQ at 127.0.0.1:5672)."""
     if not amqp_answers():
-        pytest.skip(f"RabbitMQ does not answer at {AMQP_URL} (set SAGAQ_TEST_AMQP_URL)")
+        why = f"RabbitMQ does not answer at {AMQP_URL} (set SAGAQ_TEST_AMQP_URL)"
+        if os.environ.get("SAGAQ_TEST_REQUIRE_AMQP"):  # CI: a missing broker is a failure
+            pytest.fail(why)
+        pytest.skip(why)
     return AMQP_URL
 
 
