@@ -43,6 +43,7 @@ from bench.standin import StandIn
 from sagaq import Runtime, SagaState, Settings
 from sagaq.machine import StepStatus
 from sagaq.notify import LogNotifier
+from sagaq.secrets import new_key
 from sagaq.store.database import upgrade
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +90,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "SAGAQ_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
     p.add_argument("--redis-url", default=os.environ.get(
         "SAGAQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    p.add_argument("--broker-url", default=None,
+                   help="the Celery broker (default: --redis-url); with amqp://..., the "
+                        "flush purges this run's queue")
     p.add_argument("--verbose", action="store_true", help="print the chaos log to stderr")
     args = p.parse_args(argv)
     if not 0.0 <= args.db_errors < 1.0:
@@ -120,8 +124,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     url = make_url(args.admin_url).set(drivername="postgresql+psycopg", database=dbname)
     settings = Settings(
         database_url=url.render_as_string(hide_password=False),
-        broker_url=args.redis_url,
+        broker_url=args.broker_url or args.redis_url,
         redis_prefix=f"sagaq-chaos-{tag}:",
+        secret_key=new_key(),
         queue=f"chaos-{tag}",
         imports=("bench.chaos_sagas",),
         step_timeout=5.0,
@@ -145,6 +150,42 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         with psycopg.connect(args.admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        _clean_broker(args, settings)
+
+
+def _amqp(settings: Settings) -> bool:
+    return settings.broker_url.split("://", 1)[0] in ("amqp", "amqps", "pyamqp")
+
+
+def _clean_broker(args: argparse.Namespace, settings: Settings) -> None:
+    """Leave nothing behind: the run's Redis keys (its queue, the unacked hash and index,
+    bindings), or its RabbitMQ queue and exchange. Workers are dead by now."""
+    if _amqp(settings):
+        import kombu
+
+        with kombu.Connection(settings.broker_url) as conn:
+            for drop in ("queue_delete", "exchange_delete"):
+                with contextlib.suppress(Exception):
+                    getattr(conn.channel(), drop)(settings.queue)
+        return
+    client = redis.Redis.from_url(args.redis_url)
+    for key in client.scan_iter(match=f"{settings.redis_prefix}*"):
+        client.delete(key)
+    client.close()
+
+
+def _flush(args: argparse.Namespace, settings: Settings, client: redis.Redis) -> None:
+    """Lose every message in flight: FLUSHALL, this run's Redis keys, or its AMQP queue."""
+    if _amqp(settings):
+        import kombu
+
+        with kombu.Connection(settings.broker_url) as conn:
+            conn.default_channel.queue_purge(settings.queue)
+    elif args.flush == "all":
+        client.flushall()
+    else:
+        for key in client.scan_iter(match=f"{settings.redis_prefix}*"):
+            client.delete(key)
 
 
 def _env(settings: Settings, standin: StandIn) -> dict[str, str]:
@@ -153,7 +194,8 @@ def _env(settings: Settings, standin: StandIn) -> dict[str, str]:
     for name in ("database_url", "broker_url", "redis_prefix", "queue", "step_timeout",
                  "lease_margin", "visibility_timeout", "retries", "retryable_retries",
                  "compensation_retries", "retry_base", "retry_cap", "countdown_max",
-                 "reconcile_interval", "republish_after", "rollback_deadline", "max_deliveries"):
+                 "reconcile_interval", "republish_after", "rollback_deadline", "max_deliveries",
+                 "secret_key"):
         env[f"SAGAQ_{name.upper()}"] = str(getattr(settings, name))
     env["SAGAQ_IMPORTS"] = ",".join(settings.imports)
     return env
@@ -265,11 +307,7 @@ def _storm(args: argparse.Namespace, rng: random.Random, settings: Settings, rt:
             next_kill = now + args.kill_every
             chaos.note(started, f"SIGKILL worker {i}, restarted")
         if args.flush != "none" and not chaos.flushes and now >= flush_at:
-            if args.flush == "all":
-                client.flushall()
-            else:
-                for key in client.scan_iter(match=f"{settings.redis_prefix}*"):
-                    client.delete(key)
+            _flush(args, settings, client)
             chaos.flushes += 1
             chaos.note(started, f"Redis flushed ({args.flush})")
         if args.pg_restart and not chaos.pg_restarts and now >= pg_at:

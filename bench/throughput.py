@@ -109,18 +109,20 @@ def saga_case(case: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
 
     from sagaq import Runtime, Settings
     from sagaq.notify import LogNotifier
+    from sagaq.secrets import new_key
     from sagaq.store.database import upgrade
     from sagaq.store.models import SAGAS
 
     with scratch(f"sagaq{case.lower()}") as s:
         upgrade(s.url)
         settings = Settings(database_url=s.url, broker_url=REDIS_URL, redis_prefix=s.prefix,
-                            queue=s.queue, imports=("bench.sagas",))
+                            queue=s.queue, imports=("bench.sagas",), secret_key=new_key())
         rt = Runtime(settings, notifiers=[LogNotifier()])
         saga = "bench_five" if case == "C" else "bench_rollback"
         env = {"SAGAQ_DATABASE_URL": s.url, "SAGAQ_BROKER_URL": REDIS_URL,
                "SAGAQ_REDIS_PREFIX": s.prefix, "SAGAQ_QUEUE": s.queue,
-               "SAGAQ_IMPORTS": "bench.sagas"}
+               "SAGAQ_IMPORTS": "bench.sagas",
+               "SAGAQ_SECRET_KEY": settings.secret_key}  # workers refuse to start without
 
         def send() -> str:
             return rt.engine.enqueue(saga, {})

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
-from sagaq import commands, render
+from sagaq import commands, render, texts
 from sagaq.errors import ConfigurationError, SagaqError
 from sagaq.settings import Settings
 
@@ -47,19 +47,24 @@ class Env:
         return Settings.from_env(**self.overrides)
 
     def runtime(self) -> Any:
+        """The runtime, on a database that answers and has sagaq's current schema."""
+        from sagaq.preflight import check_schema
         from sagaq.runtime import configure
         from sagaq.store.database import check
 
         runtime = configure(self.settings())
         check(runtime.store.engine)
+        check_schema(runtime.store.engine)
         return runtime
 
     def store(self) -> Any:
+        from sagaq.preflight import check_schema
         from sagaq.store import Store
         from sagaq.store.database import check, create_engine
 
         engine = create_engine(self.settings().database_url)
         check(engine)
+        check_schema(engine)
         return Store(engine)
 
 
@@ -84,6 +89,10 @@ def main(ctx: click.Context, database_url: str | None, broker_url: str | None,
     Start with `sagaq demo`, which needs no server at all.
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # As `celery` and `python -m` do: the user's own modules (SAGAQ_IMPORTS=myapp.sagas) are
+    # importable from the directory the command runs in.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     ctx.obj = Env({"database_url": database_url, "broker_url": broker_url, "imports": imports})
 
 
@@ -91,24 +100,42 @@ def main(ctx: click.Context, database_url: str | None, broker_url: str | None,
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per saga.")
 @friendly
 def demo(as_json: bool) -> None:
-    """Run the example sagas on SQLite and an in-process broker: no server needed.
+    """Run the eight example sagas on SQLite and an in-process broker: no server needed.
 
-    One saga completes, one retries a flaky call and completes, one fails at its last
-    step and is undone in reverse order, and one whose undo fails ends in needs_human.
+    \b
+    provision_agent  completes
+    order_flow       a flaky invoice API: retried (rung 0), completes
+    ticket_triage    re-prompted (rung 1), then the large model tier (rung 2)
+    provision_agent  fails at its last step: the three before it undone, last first
+    subscription     after the pivot a step keeps failing: a page, nothing undone
+    offboard_agent   the policy asks a human, who approves: completes
+    offboard_agent   the human denies: the steps before it are undone
+    provision_agent  the undo of one step keeps failing: a page (needs_human)
+
+    Exits 1 if any saga ends in a state other than the one expected.
     """
+    from rich.markup import escape
+
     from sagaq import demo as demo_module
 
     results = demo_module.run()
+    unexpected = [sc for sc, st in results if st.saga.state is not sc.expect]
     if as_json:
         click.echo(json.dumps([st.summary() for _, st in results], indent=2))
-        return
-    for scenario, st in results:
-        console.rule(f"[bold]{scenario.title}")
-        console.print(render.story(st, console.width))
-    console.rule("[bold]summary")
-    for scenario, st in results:
-        mark = "ok" if st.saga.state is scenario.expect else "UNEXPECTED"
-        console.print(f"{st.saga.state.value:<12} {scenario.title}  [{mark}]")
+    else:
+        for scenario, st in results:
+            console.rule(f"[bold]{escape(scenario.title)}")
+            console.print(render.story(st, console.width))
+        console.rule("[bold]summary")
+        for scenario, st in results:
+            mark = "ok" if st.saga.state is scenario.expect else "UNEXPECTED"
+            console.print(escape(f"{st.saga.state.value:<12} {scenario.title}  [{mark}]"),
+                          highlight=False)
+    if unexpected:
+        raise click.ClickException(
+            f"{len(unexpected)} saga(s) did not end as expected: "
+            + "; ".join(sc.title for sc in unexpected)
+        )
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -116,14 +143,19 @@ def demo(as_json: bool) -> None:
 @click.option("-P", "--pool", default="prefork", show_default=True,
               type=click.Choice(["prefork", "threads", "solo"]))
 @click.option("-l", "--loglevel", default="INFO", show_default=True)
+@click.option("-Q", "--queues", metavar="QUEUE[,QUEUE...]",
+              help="Queues to consume (default: SAGAQ_QUEUE). Steps declared with "
+                   "queue='heavy' run only on workers started with -Q heavy.")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 @pass_env
 @friendly
-def worker(env: Env, concurrency: int | None, pool: str, loglevel: str,
+def worker(env: Env, concurrency: int | None, pool: str, loglevel: str, queues: str | None,
            celery_args: tuple[str, ...]) -> None:
     """Run a Celery worker for every saga in SAGAQ_IMPORTS / -I modules.
 
-    Extra arguments go to `celery worker` unchanged. `celery -A sagaq worker` is the same.
+    Refuses to start without SAGAQ_SECRET_KEY or on a database whose schema is missing or
+    old. Extra arguments go to `celery worker` unchanged. `celery -A sagaq worker` is the
+    same.
     """
     settings = env.settings()
     if settings.broker_url.startswith("memory://"):
@@ -137,7 +169,10 @@ def worker(env: Env, concurrency: int | None, pool: str, loglevel: str,
             "no sagas are defined: set SAGAQ_IMPORTS or pass -I MODULE for the modules "
             "that define them"
         )
-    argv = ["worker", "--loglevel", loglevel, "--pool", pool, "-Q", settings.queue]
+    from sagaq.preflight import check_start
+
+    check_start(runtime, "worker")
+    argv = ["worker", "--loglevel", loglevel, "--pool", pool, "-Q", queues or settings.queue]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
     runtime.app.worker_main([*argv, *celery_args])
@@ -207,11 +242,37 @@ def show(env: Env, saga_id: str, as_json: bool) -> None:
 @click.argument("name")
 @click.argument("input_json", required=False, metavar="[INPUT]")
 @click.option("--key", help="Enqueue at most once per key (returns the first saga's id).")
+@click.option("--json", "as_json", is_flag=True, help='Print {"id": ..., "name": ...}.')
 @pass_env
 @friendly
-def enqueue(env: Env, name: str, input_json: str | None, key: str | None) -> None:
-    """Start saga NAME with INPUT (a JSON object; default {}). Prints the saga id."""
-    click.echo(commands.enqueue(env.runtime(), name, input_json, key=key))
+def enqueue(env: Env, name: str, input_json: str | None, key: str | None,
+            as_json: bool) -> None:
+    """Start saga NAME with INPUT (a JSON object; default {}). Prints the saga id.
+
+    INPUT is the JSON text itself, `-` to read it from stdin, or @FILE to read it from a
+    file (no size limit but the database's).
+    """
+    raw = read_input(input_json)
+    saga_id = commands.enqueue(env.runtime(), name, raw, key=key)
+    click.echo(json.dumps({"id": saga_id, "name": name, "key": key}) if as_json else saga_id)
+
+
+def read_input(arg: str | None) -> str | None:
+    """INPUT as given, from stdin (`-`) or from a file (`@path`)."""
+    from sagaq.errors import InputError
+
+    if arg == "-":
+        text: str = sys.stdin.read()
+        return text
+    if arg is not None and arg.startswith("@"):
+        path = arg[1:]
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return fh.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or str(exc)
+            raise InputError(f"cannot read the input file {path!r}: {why}") from None
+    return arg
 
 
 def _operator() -> str:
@@ -223,13 +284,23 @@ def _operator() -> str:
 @click.option("--by", default=_operator, show_default="$SAGAQ_OPERATOR or your login",
               help="Who is acting (recorded on the timeline).")
 @click.option("--note", help="Why, for the timeline.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"id": ..., "state": ...}.')
 @pass_env
 @friendly
-def retry(env: Env, saga_id: str, by: str, note: str | None) -> None:
+def retry(env: Env, saga_id: str, by: str, note: str | None, as_json: bool) -> None:
     """Run what is left of a saga in needs_human: its remaining compensations, or the
     step that failed after the pivot. Closes the open page; a new failure pages again."""
     outcome = commands.retry(env.runtime(), saga_id, by=by, note=note)
-    click.echo(f"{saga_id}: {outcome.state.value if outcome.state else 'unchanged'}")
+    _outcome(env, saga_id, outcome, as_json)
+
+
+def _outcome(env: Env, ref: str, outcome: Any, as_json: bool) -> None:
+    state = outcome.state.value if outcome.state else "unchanged"
+    if as_json:
+        full = commands.resolve_id(env.store(), ref)
+        click.echo(json.dumps({"id": full, "state": state}))
+    else:
+        click.echo(f"{ref}: {state}")
 
 
 @main.command()
@@ -237,21 +308,24 @@ def retry(env: Env, saga_id: str, by: str, note: str | None) -> None:
 @click.option("--note", required=True, help="What you did to put things right.")
 @click.option("--by", default=_operator, show_default="$SAGAQ_OPERATOR or your login",
               help="Who is acting (recorded on the timeline).")
+@click.option("--json", "as_json", is_flag=True, help='Print {"id": ..., "state": ...}.')
 @pass_env
 @friendly
-def resolve(env: Env, saga_id: str, note: str, by: str) -> None:
+def resolve(env: Env, saga_id: str, note: str, by: str, as_json: bool) -> None:
     """Mark a saga in needs_human as resolved by hand, and resolve its page."""
     outcome = commands.resolve(env.runtime(), saga_id, by=by, note=note)
-    click.echo(f"{saga_id}: {outcome.state.value if outcome.state else 'unchanged'}")
+    _outcome(env, saga_id, outcome, as_json)
 
 
 @main.command()
-@click.option("--once", is_flag=True, required=True,
-              help="Run one pass now (beat runs it every SAGAQ_RECONCILE_INTERVAL s).")
+@click.option("--once", is_flag=True, default=True,
+              help="One pass now (the only mode; accepted for scripts that say it).")
 @pass_env
 @friendly
 def reconcile(env: Env, once: bool) -> None:
-    """Run the reconciler: wake sagas whose durable wait is over, and more."""
+    """Run one reconciler pass now and print what it did as JSON: republish lost messages,
+    expired leases, due waits, approval deadlines, orphans, stalled rollbacks, and repairs of
+    sagas without a way forward. `sagaq beat` runs it every SAGAQ_RECONCILE_INTERVAL seconds."""
     runtime = env.runtime()
     runtime.check_policy()  # a sweep dispatches too (rollbacks after a deadline, wake-ups)
     click.echo(json.dumps(runtime.reconcile().summary()))
@@ -287,8 +361,13 @@ def doctor(env: Env, limit: int, as_json: bool) -> None:
 @friendly
 def beat(env: Env, loglevel: str, celery_args: tuple[str, ...]) -> None:
     """Run Celery beat, which schedules the reconciler. Safe to run twice (it is
-    idempotent and takes rows with SKIP LOCKED), though once is enough."""
-    env.runtime().app.start(["beat", "--loglevel", loglevel, *celery_args])
+    idempotent and takes rows with SKIP LOCKED), though once is enough. Its schedule is
+    kept in memory: it writes no celerybeat-schedule file."""
+    from sagaq.preflight import check_start
+
+    runtime = env.runtime()
+    check_start(runtime, "beat")
+    runtime.app.start(["beat", "--loglevel", loglevel, *celery_args])
 
 
 @main.command("approvals")
@@ -307,37 +386,53 @@ def approvals_cmd(env: Env, everything: bool, as_json: bool) -> None:
 
 @main.command()
 @click.argument("approval_id")
-@click.option("--by", required=True, help="Who approves (recorded with the policy version).")
+@click.option("--by", default=_operator, show_default="$SAGAQ_OPERATOR or your login",
+              help="Who approves (recorded with the policy version).")
 @click.option("--note", help="Why.")
+@click.option("--json", "as_json", is_flag=True, help="Print the decided request as JSON.")
 @pass_env
 @friendly
-def approve(env: Env, approval_id: str, by: str, note: str | None) -> None:
+def approve(env: Env, approval_id: str, by: str, note: str | None, as_json: bool) -> None:
     """Approve a pending request: the step is dispatched (gated again by the policy)."""
     decided = commands.decide(env.runtime(), approval_id, approve=True, by=by, note=note)
-    click.echo(f"{decided.id}: {decided.status} by {decided.decided_by}")
+    _decided(decided, as_json)
 
 
 @main.command()
 @click.argument("approval_id")
-@click.option("--by", required=True, help="Who denies (recorded with the policy version).")
+@click.option("--by", default=_operator, show_default="$SAGAQ_OPERATOR or your login",
+              help="Who denies (recorded with the policy version).")
 @click.option("--note", help="Why.")
+@click.option("--json", "as_json", is_flag=True, help="Print the decided request as JSON.")
 @pass_env
 @friendly
-def deny(env: Env, approval_id: str, by: str, note: str | None) -> None:
+def deny(env: Env, approval_id: str, by: str, note: str | None, as_json: bool) -> None:
     """Deny a pending request: a forward step is a terminal failure (the saga rolls back
     before the pivot); a compensation is recorded as skipped and pages a human."""
     decided = commands.decide(env.runtime(), approval_id, approve=False, by=by, note=note)
-    click.echo(f"{decided.id}: {decided.status} by {decided.decided_by}")
+    _decided(decided, as_json)
+
+
+def _decided(decided: Any, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(commands.plain(asdict(decided)), indent=2))
+    else:
+        click.echo(f"{decided.id}: {decided.status} by {decided.decided_by}")
 
 
 @main.command()
 @click.argument("saga_id")
+@click.option("--json", "as_json", is_flag=True, help="The record as JSON, for scripts.")
 @pass_env
 @friendly
-def evidence(env: Env, saga_id: str) -> None:
-    """Print the rollback evidence record of a saga as JSON: matched policy ids, approvals,
-    whether it rolled back, and the compensations dispatched, skipped and failed."""
-    click.echo(json.dumps(commands.evidence(env.store(), saga_id), indent=2))
+def evidence(env: Env, saga_id: str, as_json: bool) -> None:
+    """The rollback evidence record of a saga: matched policy ids, approvals, whether it
+    rolled back, and the compensations dispatched, skipped and failed."""
+    record = commands.evidence(env.store(), saga_id)
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+    else:
+        click.echo(texts.evidence(record))
 
 
 @main.group()
@@ -368,14 +463,15 @@ def policy_check(file: str) -> None:
 @click.option("--direction", default="forward", show_default=True,
               type=click.Choice(["forward", "compensate"]))
 @click.option("--approved", is_flag=True, help="As if an approval were present.")
+@click.option("--json", "as_json", is_flag=True, help="The explanation as JSON, for scripts.")
 @pass_env
 @friendly
 def policy_explain(env: Env, saga: str, step: str, environment: str | None, direction: str,
-                   approved: bool) -> None:
+                   approved: bool, as_json: bool) -> None:
     """Which rule matches a dispatch of SAGA's STEP, and why."""
-    click.echo(json.dumps(commands.explain(env.runtime(), saga, step, env=environment,
-                                           direction=direction, approval_present=approved),
-                          indent=2))
+    out = commands.explain(env.runtime(), saga, step, env=environment, direction=direction,
+                           approval_present=approved)
+    click.echo(json.dumps(out, indent=2) if as_json else texts.explanation(out))
 
 
 @main.command()

@@ -6,6 +6,7 @@ Each returns plain records or a :class:`Story`; rendering is the caller's busine
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -117,13 +118,19 @@ def resolve_id(store: Store, ref: str) -> str:
     ref = ref.strip()
     if store.get_saga(ref) is not None:
         return ref
+    if len(ref) < MIN_PREFIX:
+        raise InputError(
+            f"{ref!r} is too short: give the saga id or a prefix of at least {MIN_PREFIX} "
+            "characters (see `sagaq ls`)", saga_id=ref,
+        )
     if len(ref) >= MIN_PREFIX:
         found = store.find_sagas(ref)
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
             raise InputError(f"{ref!r} matches more than one saga; give more of the id")
-    raise UnknownSagaError(f"no saga with id {ref!r} (see `sagaq ls`)", saga_id=ref)
+    raise UnknownSagaError(f"no saga with id or id prefix {ref!r} (see `sagaq ls`)",
+                           saga_id=ref)
 
 
 def story(store: Store, ref: str) -> Story:
@@ -267,8 +274,9 @@ def evidence(store: Store, ref: str) -> dict[str, Any]:
         "compensations": {
             "dispatched": dispatched,
             "succeeded": st.compensated(),
-            "skipped": [r.step for r in comp if r.status is StepStatus.SKIPPED],
-            "failed": [r.step for r in comp if r.status is StepStatus.FAILED],
+            # A step whose undo failed eight times (its own retries) is one failed step.
+            "skipped": _once(r.step for r in comp if r.status is StepStatus.SKIPPED),
+            "failed": _once(r.step for r in comp if r.status is StepStatus.FAILED),
         },
         "uncompensated": store.uncompensated(st.saga.id),
         "error": st.saga.error,
@@ -280,6 +288,11 @@ def evidence(store: Store, ref: str) -> dict[str, Any]:
 def doctor(store: Store, *, limit: int = 100) -> list[Stranded]:
     """The sagas without a way forward (DESIGN §4.13), each with the reason."""
     return store.stranded(limit)
+
+
+def _once(steps: Iterable[str]) -> list[str]:
+    """Each step once, in first-seen order."""
+    return list(dict.fromkeys(steps))
 
 
 def explain(runtime: Runtime, saga: str, step: str, *, env: str | None = None,

@@ -42,6 +42,7 @@ Validate = Callable[["StepContext", Any], Any]  # (ctx, result) -> False or rais
 Releaser = Callable[["ReleaseContext"], Any]  # releases one orphaned resource, idempotently
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_QUEUE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,199}$")
 
 
 class StepKind(str, Enum):
@@ -79,6 +80,7 @@ class Step:
     classify: tuple[Classifier, ...] = ()
     topic: str | None = None  # for the policy gate, e.g. "infra.delete"
     tags: tuple[str, ...] = ()  # for the policy gate, e.g. ("payments", "prod-write")
+    queue: str | None = None  # the Celery queue of its tasks; None: SAGAQ_QUEUE
 
     @property
     def task_name(self) -> str:
@@ -123,12 +125,14 @@ class Saga:
         ladder: Bounds | None = None,
         classify: Classifier | tuple[Classifier, ...] = (),
         registry: Registry | None = None,
+        queue: str | None = None,
     ) -> None:
         if not isinstance(name, str) or not _NAME.match(name):
             raise DefinitionError(
                 str(name), None, "a saga name is letters, digits and underscores, not a digit first"
             )
         self.name = name
+        self.queue = _queue(name, None, queue)  # its steps' default Celery queue
         self.ladder = ladder or Bounds()
         self.classify = _classifiers(name, None, classify)
         self.refresh_hook: Action | None = None
@@ -170,6 +174,7 @@ class Saga:
         classify: Classifier | tuple[Classifier, ...] = (),
         topic: str | None = None,
         tags: tuple[str, ...] = (),
+        queue: str | None = None,
     ) -> Callable[[Action], Action]: ...
 
     def step(
@@ -194,6 +199,7 @@ class Saga:
         classify: Classifier | tuple[Classifier, ...] = (),
         topic: str | None = None,
         tags: tuple[str, ...] = (),
+        queue: str | None = None,
     ) -> Action | Callable[[Action], Action]:
         """Declare the next step; use as ``@saga.step`` or ``@saga.step(...)``.
 
@@ -203,7 +209,9 @@ class Saga:
         ``rungs`` (which of 0-2 apply; default 0, plus 1 and 2 for a step with tiers),
         ``validate`` (reject a result as a logical failure), ``ladder`` (all budgets),
         ``classify`` (map this step's own exceptions to failure classes). Policy facts:
-        ``topic`` and ``tags``.
+        ``topic`` and ``tags``. ``queue``: the Celery queue of the step and its compensation
+        (default: the saga's ``queue=``, else ``SAGAQ_QUEUE``), so heavy steps can go to
+        their own workers (``sagaq worker -Q heavy``).
         """
 
         def add(action: Action) -> Action:
@@ -226,6 +234,8 @@ class Saga:
                 classify=classify,
                 topic=topic,
                 tags=tags,
+                queue=_queue(self.name, name or getattr(action, "__name__", None), queue)
+                or self.queue,
             )
             return action
 
@@ -474,6 +484,16 @@ def _ladder_options(saga: str, step: str, options: dict[str, Any]) -> dict[str, 
         "classify": classify,
         "tags": tuple(tags),
     }
+
+
+def _queue(saga: str, step: str | None, value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _QUEUE.match(value):
+        raise DefinitionError(
+            saga, step, f"queue {value!r} is not a queue name (letters, digits, . _ -)"
+        )
+    return value
 
 
 def _classifiers(saga: str, step: str | None, value: Any) -> tuple[Classifier, ...]:

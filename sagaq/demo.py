@@ -1,5 +1,8 @@
 """``sagaq demo``: the examples of ``tasks/`` on an embedded default, no server at all.
 
+The wheel ships ``tasks/`` as ``sagaq.examples`` (never as a top-level ``tasks``, Celery's
+conventional module name), so the demo runs beside a user's own ``tasks.py``.
+
 A SQLite file in a temporary directory, Celery's in-process broker, a real Celery worker
 in a thread, and the same engine, store and tasks as production (never eager mode). Pages
 go to the log notifier.
@@ -10,10 +13,10 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-import tasks
 from sagaq.commands import Story, story
 from sagaq.machine import SagaState
 from sagaq.notify.log import LogNotifier
@@ -104,13 +107,12 @@ def demo_settings(workdir: Path) -> Settings:
     return Settings(
         database_url=f"sqlite:///{workdir / 'sagaq-demo.sqlite3'}",
         broker_url="memory://localhost/",
-        imports=(
-            "tasks.provisioning", "tasks.orders", "tasks.triage", "tasks.subscription",
-            "tasks.offboarding",
-        ),
+        # The examples ship inside sagaq: a user's own tasks.py must not shadow them.
+        imports=tuple(f"sagaq.examples.{m}" for m in (
+            "provisioning", "orders", "triage", "subscription", "offboarding")),
         env="production",
         secret_key=new_key(),  # a throwaway key: the demo's database is thrown away too
-        policy_file=str(Path(tasks.__file__).with_name("policy.yaml")),
+        policy_file=str(files("sagaq.examples").joinpath("policy.yaml")),
         queue="sagaq-demo",
         retries=2,
         retryable_retries=3,

@@ -34,6 +34,7 @@ from sagaq.failures import FailureClass, classify, in_doubt
 from sagaq.keys import idempotency_key
 from sagaq.ladder import Then
 from sagaq.machine import Direction, StepStatus
+from sagaq.preflight import database_errors, refuse_nul
 from sagaq.secrets import SecretBox, SecretsUnreadable, redact, revealed
 from sagaq.settings import Settings
 from sagaq.store import (
@@ -124,21 +125,22 @@ class Engine:
         definition = self.registry.get(saga) if isinstance(saga, str) else saga
         steps = definition.steps
         payload = to_json({} if input is None else input, f"input of saga {definition.name!r}")
-        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 255
-                                or "\x00" in key):
-            raise InputError("key must be a non-empty string of at most 255 characters, "
-                             "without U+0000")
+        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 255):
+            raise InputError("key must be a non-empty string of at most 255 characters")
+        refuse_nul(payload, f"the input of saga {definition.name!r}")
+        refuse_nul(key, "the key")
         saga_id = str(uuid.uuid4())
         first = self._new_run(saga_id, steps[0], Direction.FORWARD, 1, reason="first step")
-        saga_id, _created, dispatches = self.store.create_saga(
-            saga_id=saga_id,
-            name=definition.name,
-            version=definition.version,
-            input=payload,
-            key=key,
-            first=first,
-            session=session,
-        )
+        with database_errors(self.store.engine):  # DatabaseUnavailable, not a raw DBAPIError
+            saga_id, _created, dispatches = self.store.create_saga(
+                saga_id=saga_id,
+                name=definition.name,
+                version=definition.version,
+                input=payload,
+                key=key,
+                first=first,
+                session=session,
+            )
         if session is None:
             self._publish(dispatches, Write.ENQUEUE)
         else:

@@ -59,7 +59,9 @@ def _state(state: SagaState) -> Text:
 def saga_table(sagas: list[SagaRecord]) -> Table:
     table = Table(title=f"{len(sagas)} saga(s), newest first", title_justify="left")
     for col in ("id", "name", "state", "created", "updated", "error"):
-        table.add_column(col, overflow="fold")
+        # Ids stay on one line, to be copied; the error gives way.
+        table.add_column(col, overflow="fold", no_wrap=col == "id",
+                         min_width=36 if col == "id" else None)
     for s in sagas:
         table.add_row(
             literal(s.id),
@@ -70,6 +72,15 @@ def saga_table(sagas: list[SagaRecord]) -> Table:
             literal(s.error, ERROR_WIDTH),
         )
     return table
+
+
+def shorten(text: str, width: int) -> str:
+    """At most ``width`` characters, cut at a word boundary, with an ellipsis."""
+    if len(text) <= width:
+        return text
+    cut = text[: width - 1]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > width // 2 else cut).rstrip(" ,;:") + "…"
 
 
 def story(story: Story, width: int | None = None) -> RenderableType:
@@ -150,7 +161,8 @@ def _event(kind: str) -> Text:
 def approvals_table(approvals: list[ApprovalRecord]) -> Table:
     table = Table(title=f"{len(approvals)} approval request(s)", title_justify="left")
     for col in ("id", "saga", "step", "dir", "rule", "status", "deadline", "by"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", no_wrap=col in ("id", "saga"),
+                         min_width=32 if col == "id" else None)
     for a in approvals:
         table.add_row(*(literal(v) for v in (a.id, a.saga_id[:8], a.step, a.direction,
                                              a.rule_id, a.status)),

@@ -29,6 +29,7 @@ class Settings:
     queue: str = "sagaq"
     redis_prefix: str = ""  # kombu global_keyprefix: a private key space on a shared Redis
     visibility_timeout: float = 3600.0  # Redis redelivers unacked messages after this
+    consumer_timeout: float = 1800.0  # RabbitMQ's consumer_timeout (its default: 30 min)
     step_timeout: float = 300.0  # default time a step may run; its lease is a bit longer
     lease_margin: float = 30.0
     retries: int = 3  # ladder rung 0: retries of the same input
@@ -78,9 +79,12 @@ class Settings:
         return replace(self, **changes).validated()
 
     def validated(self) -> Settings:
-        seconds = ("visibility_timeout", "step_timeout", "lease_margin", "retry_base", "retry_cap",
-                   "countdown_max", "reconcile_interval", "republish_after", "rollback_deadline",
-                   "approval_deadline")
+        from sagaq.preflight import check_database_url
+
+        check_database_url(normalize_database_url(self.database_url))
+        seconds = ("visibility_timeout", "consumer_timeout", "step_timeout", "lease_margin",
+                   "retry_base", "retry_cap", "countdown_max", "reconcile_interval",
+                   "republish_after", "rollback_deadline", "approval_deadline")
         for name in seconds:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:

@@ -28,6 +28,7 @@ from sagaq.store import Dispatch
 from sagaq.store.base import NOTIFY_TASK, RELEASE_TASK
 
 RECONCILE_TASK = "sagaq.reconcile"
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp", "librabbitmq")
 
 if TYPE_CHECKING:
     from sagaq.runtime import Runtime
@@ -62,6 +63,9 @@ def celery_config(runtime: Runtime) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": False,
         "task_track_started": True,
+        # The only schedule is "reconcile every N s": nothing worth a celerybeat-schedule
+        # file in the current directory. A tick lost to a restart is harmless.
+        "beat_scheduler": "celery.beat:Scheduler",
     }
 
 
@@ -90,22 +94,37 @@ def create_app(runtime: Runtime, *, main: str = "sagaq") -> Celery:
 
 
 def check_time_limits(runtime: Runtime) -> None:
-    """Refuse to start when a step may run past Redis's visibility timeout.
+    """Refuse to start when a step may run past the broker's redelivery limit.
 
-    Redis would hand the message of a step still running to another worker; the claim
-    would drop it, but only by luck of timing. Say which step, and what to change.
+    Redis redelivers an unacknowledged message after its visibility timeout: the claim would
+    drop the copy, but only by luck of timing. RabbitMQ closes the channel of a consumer that
+    holds a message past its ``consumer_timeout`` (30 min by default), and requeues
+    everything it held. Say which step, and what to change.
     """
     s = runtime.settings
+    var, ceiling = broker_limit(s.broker_url, s.visibility_timeout, s.consumer_timeout)
+    if s.countdown_max >= ceiling:
+        raise ConfigurationError(
+            f"SAGAQ_COUNTDOWN_MAX={s.countdown_max:g}s is not below {var}={ceiling:g}s: a "
+            "countdown message is held unacknowledged and would be redelivered"
+        )
     for saga in runtime.registry:
         for step in saga.steps:
             limit = (step.timeout or s.step_timeout) + s.lease_margin
-            if limit >= s.visibility_timeout:
+            if limit >= ceiling:
                 raise ConfigurationError(
                     f"step {saga.name}.{step.name} may run {limit:g}s (timeout + "
-                    f"SAGAQ_LEASE_MARGIN), not below SAGAQ_VISIBILITY_TIMEOUT="
-                    f"{s.visibility_timeout:g}s: lower its timeout or raise the visibility "
-                    "timeout"
+                    f"SAGAQ_LEASE_MARGIN), not below {var}={ceiling:g}s: lower its timeout "
+                    f"or raise {var}"
+                    + (" (and the broker's consumer_timeout)" if "CONSUMER" in var else "")
                 )
+
+
+def broker_limit(url: str, visibility: float, consumer: float) -> tuple[str, float]:
+    """The setting that bounds how long a message may stay unacknowledged, and its value."""
+    if url.split("://", 1)[0] in AMQP_SCHEMES:
+        return "SAGAQ_CONSUMER_TIMEOUT", consumer
+    return "SAGAQ_VISIBILITY_TIMEOUT", visibility
 
 
 def _register_edges(app: Celery, runtime: Runtime) -> None:
@@ -129,6 +148,10 @@ def _register_edges(app: Celery, runtime: Runtime) -> None:
     app.task(name=RECONCILE_TASK, shared=False, soft_time_limit=120, time_limit=150,
              expires=max(runtime.settings.reconcile_interval, 1.0))(reconcile)
 
+    # A step with its own queue= is routed there, also when sent by hand with send_task.
+    app.conf.task_routes = {
+        name: {"queue": queue} for name, queue in step_queues(runtime).items()
+    }
     app.conf.beat_schedule = {
         "sagaq-reconcile": {
             "task": RECONCILE_TASK,
@@ -136,6 +159,18 @@ def _register_edges(app: Celery, runtime: Runtime) -> None:
             "options": {"queue": runtime.settings.queue},
         }
     }
+
+
+def step_queues(runtime: Runtime) -> dict[str, str]:
+    """Task name -> queue, for the steps (and compensations) declared with ``queue=``."""
+    found: dict[str, str] = {}
+    for saga in runtime.registry:
+        for step in saga.steps:
+            if step.queue:
+                for name in (step.task_name, step.compensate_task_name):
+                    if name:
+                        found[name] = step.queue
+    return found
 
 
 def register_saga(app: Celery, runtime: Runtime, saga: Saga) -> None:
@@ -165,6 +200,7 @@ def _register(app: Celery, runtime: Runtime, step: Step, direction: Direction) -
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,
+        queue=step.queue or runtime.settings.queue,
         soft_time_limit=timeout,  # raises inside the step: a transient failure
         time_limit=timeout + runtime.settings.lease_margin / 2,  # kills it: lease expires
     )(run)
@@ -179,8 +215,13 @@ class CeleryPublisher:
 
     def __call__(self, dispatches: Sequence[Dispatch]) -> None:
         app = self._app()
+        # RabbitMQ drops a message for a queue nobody declared yet: name the queue, so that
+        # Celery declares it. Redis needs no declaration: straight into the list.
+        amqp = app.conf.broker_url.split("://", 1)[0] in AMQP_SCHEMES
         with app.producer_or_acquire() as producer:
             for d in dispatches:
+                task = app.tasks.get(d.task_name)
+                queue = getattr(task, "queue", None) or self._queue  # a step's own queue=
                 app.send_task(
                     d.task_name,
                     args=list(d.args),
@@ -188,8 +229,7 @@ class CeleryPublisher:
                     countdown=d.countdown or None,
                     # Straight into the queue: the default exchange needs no binding lookup
                     # in Redis per message, and a flushed Redis has no bindings to lose.
-                    exchange="",
-                    routing_key=self._queue,
+                    **({"queue": queue} if amqp else {"exchange": "", "routing_key": queue}),
                     producer=producer,
                 )
 
@@ -232,8 +272,10 @@ def embedded_worker(
     pool: str = "threads",
     hostname: str | None = None,
     loglevel: str = "WARNING",
+    queues: Sequence[str] | None = None,
 ) -> Iterator[WorkController]:
-    """Run a real Celery worker in a background thread of this process."""
+    """Run a real Celery worker in a background thread of this process, consuming
+    ``queues`` (default: SAGAQ_QUEUE)."""
     app.finalize()
     # Pool threads trace tasks through their current app: the threads pool below sets it to
     # this app in each of its threads. The default app is this one while the worker runs
@@ -252,7 +294,7 @@ def embedded_worker(
         without_heartbeat=True,
         without_mingle=True,
         without_gossip=True,
-        queues=[app.conf.task_default_queue],
+        queues=list(queues or [app.conf.task_default_queue]),
         ready_callback=None,
     )
     thread = threading.Thread(target=worker.start, name="sagaq-worker", daemon=True)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from sagaq import Saga, StepContext
-from tasks.services import services, simulate
+
+from .services import services, simulate
 
 offboard = Saga("offboard_agent")
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from sagaq import Saga, Secret, StepContext
-from tasks.services import services, simulate
+
+from .services import services, simulate
 
 provision = Saga("provision_agent")
 

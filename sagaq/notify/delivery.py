@@ -87,9 +87,11 @@ def build_notice(store: Store, n: NotificationRecord) -> Notice:
         state=saga.state.value,
         details=details,
         commands=(
-            f"sagaq show {saga.id}",
-            f"sagaq retry {saga.id}",
-            f'sagaq resolve {saga.id} --note "what you did"',
+            (f"sagaq show {saga.id}", f"sagaq approve {n.subject[len('approval:'):]}",
+             f'sagaq deny {n.subject[len("approval:"):]} --note "why"')
+            if n.subject.startswith("approval:") else
+            (f"sagaq show {saga.id}", f"sagaq retry {saga.id}",
+             f'sagaq resolve {saga.id} --note "what you did"')
         ),
         note=n.note,
         id=f"sagaq/{saga.id}/notification-{n.id}",

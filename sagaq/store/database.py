@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 from pathlib import Path
 from typing import Any
 
@@ -28,27 +29,52 @@ def create_engine(url: str, *, pool_size: int = 2, max_overflow: int = 2) -> sa.
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(url)
-    return sa.create_engine(
+    return _drop_dead_on_checkout(sa.create_engine(
         url,
         pool_size=pool_size,
         max_overflow=max_overflow,
-        # No pool_pre_ping: a ping is one more transaction per checkout. A connection the
-        # server dropped fails its first statement instead, and the store retries the op.
+        # No pool_pre_ping: a ping is one more round trip per checkout. A socket check
+        # (below) finds connections the server dropped, without a round trip.
         connect_args={"connect_timeout": 5},
-    )
+    ))
 
 
 def autocommit_engine(engine: sa.Engine) -> sa.Engine:
     """A second engine on the same database whose connections stay in autocommit."""
     pool = engine.pool
     size, overflow = (pool.size(), pool._max_overflow) if isinstance(pool, sa.QueuePool) else (2, 2)
-    return sa.create_engine(
+    return _drop_dead_on_checkout(sa.create_engine(
         engine.url,
         isolation_level="AUTOCOMMIT",
         pool_size=size,
         max_overflow=overflow,
         connect_args={"connect_timeout": 5},
-    )
+    ))
+
+
+def _drop_dead_on_checkout(engine: sa.Engine) -> sa.Engine:
+    """Hand out no pooled connection the server has closed (a restart, a failover,
+    pg_terminate_backend): the first statement on it would fail, after a restart once per
+    pooled connection. An idle connection's socket has nothing to read unless the server
+    said goodbye (or closed it), so a zero-timeout poll finds it without a round trip."""
+
+    @sa.event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+        if _is_dead(dbapi_conn):
+            raise sa.exc.DisconnectionError("the server closed this pooled connection")
+
+    return engine
+
+
+def _is_dead(dbapi_conn: Any) -> bool:
+    if getattr(dbapi_conn, "closed", False) or getattr(dbapi_conn, "broken", False):
+        return True
+    try:
+        fd = dbapi_conn.pgconn.socket
+        readable, _, _ = select.select([fd], [], [], 0)
+    except Exception:  # no socket to look at (closed already): let the pool replace it
+        return True
+    return bool(readable)
 
 
 def _sqlite_engine(url: str) -> sa.Engine:

@@ -131,12 +131,14 @@ class Sweeps(StoreBase):
                             republished=OUTBOX.c.republished + 1)
                 )
                 out.append(Dispatch(r.task_name, (r.args[0], r.args[1]), r.message_id))
-                if r.saga_id is not None and r.step_run_id is not None:
+                if r.saga_id is not None:  # so the gap on the timeline has its reason
+                    waited = (now - r.available_at).total_seconds()
                     tl = Timeline(r.saga_id, now, worker="reconciler")
-                    tl.add("outbox.republished", message=f"{r.task_name}: no worker took the "
-                           f"message within {grace:g}s; published again "
-                           f"(#{r.republished + 1})",
-                           data={"step_run_id": r.step_run_id, "times": r.republished + 1})
+                    tl.add("message.republished", run_id=r.step_run_id,
+                           message=f"{r.task_name} not taken after {waited:.0f}s (lost with "
+                                   f"the broker?): published again, copy {r.republished + 1}",
+                           data={"task": r.task_name, "message_id": r.message_id,
+                                 "copy": r.republished + 1})
                     tl.flush(conn)
             return out
 

@@ -50,7 +50,7 @@ from sagaq.notify.base import Notifier
 from sagaq.store import Dispatch, EventRecord, StepRunRecord
 from sagaq.store.models import OUTBOX
 from sagaq.worker import embedded_worker
-from tests import crash_sagas
+from tests import crash_sagas, services
 from tests.crash_sagas import URL_VAR
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,13 +156,22 @@ class Harness:
         return "\n".join(out)
 
     def wipe_redis(self) -> int:
+        """Lose every message of this test: its Redis key space, or its RabbitMQ queue."""
+        if self.on_amqp:
+            return services.amqp_purge(self.settings.queue, self.settings.broker_url)
         return delete_prefix(self.redis, self.settings.redis_prefix)
+
+    @property
+    def on_amqp(self) -> bool:
+        return self.settings.broker_url.startswith("amqp")
 
     def close(self) -> None:
         for name in list(self.procs):
             self.kill(name)
         for rt in self.runtimes:
             rt.close()
+        if self.on_amqp:
+            services.amqp_delete([self.settings.queue], self.settings.broker_url)
         self.wipe_redis()
 
 
@@ -175,13 +184,17 @@ def harness(
     redis_base_url: str,
     logs: Path,
     monkeypatch: pytest.MonkeyPatch,
+    broker: str = "redis",
 ) -> Iterator[Harness]:
-    """A harness on a new database, queue and Redis prefix; everything is undone after."""
+    """A harness on a new database, queue and Redis prefix (or RabbitMQ queue); everything
+    is undone after."""
+    amqp = {"broker_url": services.require_amqp()} if broker == "rabbitmq" else {}
     own = settings.with_(
         database_url=make_database(label),
         queue=f"{settings.queue}-{label}",
         redis_prefix=f"{redis_prefix}{label}:",  # inside the run's prefix: cleaned up with it
         **CRASH,
+        **amqp,
     )
     client = redis.Redis.from_url(redis_base_url)
     with StandIn() as standin:
@@ -203,9 +216,15 @@ def label_of(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def crash(request, settings, make_database, redis_prefix, redis_base_url, tmp_path,
           monkeypatch) -> Iterator[Harness]:
+    """The harness on Redis; on RabbitMQ too for tests marked with ``BOTH_BROKERS``."""
+    broker = getattr(request, "param", "redis")
     with harness(label_of(request), settings, make_database, redis_prefix, redis_base_url,
-                 tmp_path, monkeypatch) as h:
+                 tmp_path, monkeypatch, broker) as h:
         yield h
+
+
+# The crash tests that hold for any broker run on Redis and on RabbitMQ.
+BOTH_BROKERS = pytest.mark.parametrize("crash", ["redis", "rabbitmq"], indirect=True)
 
 
 # -- looking at what happened ---------------------------------------------------------------
@@ -318,6 +337,7 @@ def kill_after_effect(crash: Harness, step: str) -> tuple[Runtime, str, list[dic
     return rt, saga_id, summaries
 
 
+@BOTH_BROKERS
 def test_sigkill_after_the_effect_landed_is_resolved_by_verify_and_recorded_once(crash):
     rt, saga_id, summaries = kill_after_effect(crash, "a")
     assert state(rt, saga_id) is SagaState.COMPLETED, timeline(rt, saga_id)
@@ -350,6 +370,7 @@ def test_sigkill_after_the_effect_landed_is_resolved_by_verify_and_recorded_once
     assert outbox_rows(rt, saga_id) == []
 
 
+@BOTH_BROKERS
 def test_sigkill_without_verify_retries_with_the_same_key_and_the_effect_lands_once(crash):
     rt, saga_id, summaries = kill_after_effect(crash, "b")
     assert state(rt, saga_id) is SagaState.COMPLETED, timeline(rt, saga_id)
@@ -376,6 +397,7 @@ def test_sigkill_without_verify_retries_with_the_same_key_and_the_effect_lands_o
     assert saga_kinds(rt, saga_id) == ["saga.enqueued", "saga.running", "saga.completed"]
 
 
+@BOTH_BROKERS
 def test_sigkill_of_an_at_most_once_step_without_verify_is_never_rerun_and_pages(crash):
     rt, saga_id, summaries = kill_after_effect(crash, "c")
     assert state(rt, saga_id) is SagaState.NEEDS_HUMAN, timeline(rt, saga_id)
@@ -406,6 +428,7 @@ def test_sigkill_of_an_at_most_once_step_without_verify_is_never_rerun_and_pages
     assert len([n for n in rt.store.notifications(saga_id) if n.kind == "page"]) == 1
 
 
+@BOTH_BROKERS
 def test_a_duplicate_delivered_while_the_step_runs_under_a_live_lease_is_dropped(crash):
     rt = crash.runtime()
     crash.start_worker("busy")  # two pool processes: the duplicate reaches the idle one
@@ -429,6 +452,7 @@ def test_a_duplicate_delivered_while_the_step_runs_under_a_live_lease_is_dropped
     assert effects(crash.standin, saga_id) == ["a", "b", "c"]
 
 
+@BOTH_BROKERS
 def test_a_worker_killed_mid_compensation_the_rollback_resumes_and_each_undo_lands_once(crash):
     rt = crash.runtime()
     crash.start_worker("victim")
@@ -537,6 +561,7 @@ def test_redis_wiped_between_two_steps_the_reconciler_republishes(crash):
 # -- 3. A crash between commit and publish ---------------------------------------------------
 
 
+@BOTH_BROKERS
 def test_crash_between_commit_and_publish_the_reconciler_publishes_the_outbox_row(crash):
     crash.configure(republish_after=2.0)
     rt = crash.runtime()
@@ -583,6 +608,7 @@ def test_crash_between_commit_and_publish_the_reconciler_publishes_the_outbox_ro
 # -- 4. A poison message: the step kills its worker every time ------------------------------
 
 
+@BOTH_BROKERS
 @pytest.mark.parametrize("n", [2, 3])
 def test_a_step_that_kills_its_worker_every_time_is_parked_after_n_deliveries(crash, n):
     # Retries to spare: without parking, the ladder would run b far more than n times.
@@ -685,6 +711,7 @@ def test_a_step_that_runs_past_its_lease_keeps_it_while_it_runs_up_to_its_hard_l
 # -- 8. Warm shutdown does not lose claimed work ---------------------------------------------
 
 
+@BOTH_BROKERS
 def test_warm_shutdown_finishes_the_running_step_and_the_saga_completes(crash):
     rt = crash.runtime()
     first = crash.start_worker("leaving")
