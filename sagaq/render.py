@@ -69,7 +69,7 @@ def saga_table(sagas: list[SagaRecord]) -> Table:
             _state(s.state),
             s.created_at.strftime("%Y-%m-%d %H:%M:%S"),
             _time(s.updated_at),
-            literal(s.error, ERROR_WIDTH),
+            Text(shorten(visible(s.error or ""), ERROR_WIDTH)),  # visible first: no ESC cut
         )
     return table
 

@@ -88,8 +88,10 @@ class Runtime:
         try:
             self.store.record_policy(self.policy_fingerprint, policy=self.policy.label,
                                      env=self._env, source=self.policy.source, worker=worker)
-        except Exception:  # the database may be down at start-up: the worker still runs
-            log.warning("could not record the policy this worker loaded", exc_info=True)
+        except Exception as exc:  # the database may be down (or unmigrated) at start-up:
+            # one line, no traceback; the start-up checks say what is wrong, once
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.warning("could not record the policy this worker loaded: %s", reason)
 
     def check_policy(self) -> None:
         """Refuse to dispatch ungated, or under another env, than the workers.

@@ -310,6 +310,17 @@ def timeline(rt: Runtime, saga_id: str) -> str:
                      for e in rt.store.events(saga_id))
 
 
+def consuming(rt: Runtime, timeout: float = 30.0) -> None:
+    """Wait until a worker has taken and run a fresh saga's messages, published now.
+
+    The event that "nothing happened" waits on: a worker is consuming this queue, so a
+    message still there would have been taken too (instead of a sleep).
+    """
+    marker = rt.engine.enqueue("crash_trio", {})
+    wait_for("a marker saga to complete", lambda: state(rt, marker) is SagaState.COMPLETED,
+             timeout=timeout)
+
+
 def outbox_rows(rt: Runtime, saga_id: str) -> list[Any]:
     with rt.store.engine.connect() as conn:
         return list(conn.execute(sa.select(OUTBOX).where(OUTBOX.c.saga_id == saga_id)))
@@ -499,11 +510,11 @@ def test_redis_wiped_between_enqueue_and_dispatch_the_reconciler_republishes(cra
     assert list(crash.redis.scan_iter(match=f"{crash.settings.redis_prefix}*")) == []
 
     with embedded_worker(rt.app, concurrency=2, hostname=f"{crash.label}@test"):
-        time.sleep(1.0)  # a worker is consuming, but the message is gone
+        consuming(rt)  # a worker is consuming, but the message is gone
         (still,) = runs(rt, saga_id)
         assert (still.status, still.deliveries) == (StepStatus.SCHEDULED, 0)
         assert state(rt, saga_id) is SagaState.PENDING
-        assert crash.standin.ledger.calls == []
+        assert calls(crash.standin, saga_id) == []
         summaries = reconcile_until(rt, "the saga to complete", settled(rt, saga_id))
 
     assert state(rt, saga_id) is SagaState.COMPLETED, timeline(rt, saga_id)
@@ -542,7 +553,7 @@ def test_redis_wiped_between_two_steps_the_reconciler_republishes(crash):
         saga_id = rt.engine.enqueue("crash_trio", {})
         wait_for("a to succeed and b's message to be lost", lambda: bool(wiped))
         wait_for("a's commit", lambda: runs(rt, saga_id, "a")[0].status is OK)
-        time.sleep(1.0)  # a worker is consuming, but b's message is gone
+        consuming(rt)  # a worker is consuming, but b's message is gone
         (b,) = runs(rt, saga_id, "b")
         assert (b.status, b.deliveries) == (StepStatus.SCHEDULED, 0)
         assert [d.args for d in wiped[0]] == [(saga_id, b.id)]
@@ -586,7 +597,7 @@ def test_crash_between_commit_and_publish_the_reconciler_publishes_the_outbox_ro
         rt.engine.publish = publish_and_look
         early = rt.reconcile().summary()  # not overdue yet: left alone
         assert early["republished"] == 0
-        time.sleep(1.0)  # nothing was published: nothing runs
+        consuming(rt)  # nothing was published: nothing runs
         assert runs(rt, saga_id)[0].status is StepStatus.SCHEDULED
         assert state(rt, saga_id) is SagaState.PENDING
 
