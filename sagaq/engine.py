@@ -68,19 +68,8 @@ def to_json(value: Any, what: str) -> Any:
     except (TypeError, ValueError) as exc:
         raise InputError(f"{what} is not JSON-serialisable: {exc}") from None
     value = json.loads(text)
-    if _has_nul(value):  # PostgreSQL's jsonb refuses U+0000 in any text
-        raise InputError(f"{what} contains the character U+0000, which PostgreSQL cannot store")
+    refuse_nul(value, what)  # PostgreSQL's jsonb refuses U+0000 in any text
     return value
-
-
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
-    return False
 
 
 def describe(exc: BaseException, limit: int = 2000) -> str:

@@ -15,7 +15,9 @@ counted, not assumed.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -26,7 +28,7 @@ import sqlalchemy as sa
 from sagaq import Registry, Saga, SagaState, Settings, StepContext, TerminalError
 from sagaq.context import ReleaseContext
 from sagaq.engine import Engine
-from sagaq.errors import InputError
+from sagaq.errors import DatabaseUnavailable, InputError
 from sagaq.gate import Gate
 from sagaq.ladder import Bounds
 from sagaq.notify.base import Kind, Notice
@@ -361,6 +363,11 @@ def make_driver(url: str, faults: Faults, *, gated: bool = True) -> Driver:
         _stores[url, gated] = store, clock
     store, clock = _stores[url, gated]
     store.fault = faults
+    # What a worker does first: record the policy it gates with; a failure there is logged
+    # and the worker runs on (Runtime.record_policy).
+    with contextlib.suppress(Crash, sa.exc.OperationalError):
+        store.record_policy("sweep", policy="sweep", env="production", source="sweep",
+                            worker="sweep")
     settings = settings_for(url)
     holder: list[Driver] = []
     engine = Engine(store, settings, publish=lambda ds: holder[0].publish(ds), registry=registry)
@@ -380,13 +387,14 @@ def run_shape(driver: Driver, shape: Shape, *, check_liveness: bool = True) -> s
                              "sagaq_outbox, sagaq_notifications, sagaq_resources, "
                              "sagaq_approvals"))
     saga_id = ""
+    key = f"sweep-{uuid.uuid4()}"  # the caller's retry after an error enqueues it once
     for _ in range(3):  # a crash at enqueue: the caller sees the error and tries again
         try:
-            saga_id = driver.engine.enqueue(shape.saga, shape.input)
+            saga_id = driver.engine.enqueue(shape.saga, shape.input, key=key)
             break
         except Crash:
             driver.crashes += 1
-        except sa.exc.OperationalError:
+        except (sa.exc.OperationalError, DatabaseUnavailable):
             driver.db_errors += 1
     assert saga_id, "enqueue never went through"
     if shape.lose_first_message and driver.queue:

@@ -42,6 +42,7 @@ class Write(str, Enum):
     STALLED = "stalled"
     ORPHANS = "orphans"
     REPAIR = "repair"
+    POLICY = "policy"  # a worker records the policy it loaded, at start-up
 
 
 class Phase(str, Enum):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from sagaq.store.base import StoreBase
+from sagaq.store.faults import Write
 from sagaq.store.models import POLICY_FINGERPRINTS
 from sagaq.store.records import PolicyFingerprint
 
@@ -16,7 +17,7 @@ class Policies(StoreBase):
                       worker: str) -> None:
         """A worker loaded this policy under this env (again): it is now the current one."""
         now = self.clock()
-        with self.engine.begin() as conn:
+        with self._write(Write.POLICY) as conn:
             stmt = self._insert(conn)(T).values(
                 fingerprint=fingerprint, policy=policy, env=env[:200], source=source,
                 worker=worker[:255], first_loaded_at=now, loaded_at=now,
