@@ -65,7 +65,20 @@ class Store(Approvals, Liveness, Notices, Policies, Resources, Sweeps, Views):
         first: NewRun,
         session: Session | None = None,
     ) -> tuple[str, bool, list[Dispatch]]:
-        """Write the saga, its first step run, its first events and the outbox row."""
+        """Write the saga, its first step run, its first events and the outbox row.
+
+        On its own connection, a connection the server dropped is retried (nothing was sent
+        on it); in the caller's transaction, the caller decides.
+        """
+        if session is not None:
+            return self._create_saga(saga_id, name, version, input, key, first, session)
+        return self._retrying(
+            lambda: self._create_saga(saga_id, name, version, input, key, first, None))
+
+    def _create_saga(
+        self, saga_id: str, name: str, version: str, input: Any, key: str | None,
+        first: NewRun, session: Session | None,
+    ) -> tuple[str, bool, list[Dispatch]]:
         now = self.clock()
         if self.fast and first.delay == 0 and (self.gate is None or not self.gate.active):
             # One statement: on a pooled autocommit connection, or inside the caller's
