@@ -7,8 +7,12 @@ compensate; compensation fails → page; after-pivot retries) whose steps write 
 service that records every effect by idempotency key, and meanwhile SIGKILLs a random worker
 every few seconds (and restarts it), flushes Redis once, restarts PostgreSQL once, and
 publishes duplicates of a share of the messages. ``--sigstop N`` stops a worker in the
-middle of a step N times, past its lease and past the visibility timeout, then resumes it
-(its late writes must lose: ``late_writes_won`` counts those that did not).
+middle of a step N times, past its lease and past the visibility timeout, then resumes it.
+A late write whose run was taken over meanwhile must lose (``late_writes_lost``); one whose
+run nobody took over during the stop is still the live attempt's, and the delivery fence
+lets it through (``late_writes_won``: not a fault; where nobody takes over depends on what
+the other workers are doing). ``late_writes_raised`` (a late write that got past the fence
+and broke on a later constraint) must be 0.
 ``--db-errors RATE`` makes a share RATE of the workers' commits fail with a database error,
 before or after the commit (it needs the store's fault hook, ``sagaq.store.faults``). When
 every saga has settled (or the time is up) it prints what it counted, as JSON, with
@@ -435,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = run(argv)
     print(json.dumps(figures, indent=2))
     bad = [k for k in ("lost", "stuck", "duplicate_effects", "missed_compensations",
-                       "doubled_compensations", "late_writes_won", "liveness_violations")
+                       "doubled_compensations", "late_writes_raised", "liveness_violations")
            if figures[k]]  # liveness_violations is None where the store cannot tell
     if figures["expected_state"] != figures["enqueued"]:
         bad.append("expected_state")
