@@ -62,7 +62,9 @@ TABLE: list[tuple[str, list[SagaState], SagaState]] = [
     ("deny", [S.AWAITING_APPROVAL], S.COMPENSATING),
     ("rollback", [S.PENDING, S.RUNNING, S.WAITING, S.AWAITING_APPROVAL], S.COMPENSATING),
     ("finish_rollback", [S.COMPENSATING], S.COMPENSATED),
-    ("escalate", [S.RUNNING, S.WAITING, S.AWAITING_APPROVAL, S.COMPENSATING], S.NEEDS_HUMAN),
+    # from pending too: a saga that lost its first run before it started (the repair pages)
+    ("escalate", [S.PENDING, S.RUNNING, S.WAITING, S.AWAITING_APPROVAL, S.COMPENSATING],
+     S.NEEDS_HUMAN),
     ("retry_rollback", [S.NEEDS_HUMAN], S.COMPENSATING),
     ("retry_forward", [S.NEEDS_HUMAN], S.RUNNING),
     ("resolve", [S.NEEDS_HUMAN], S.RESOLVED),

@@ -395,18 +395,41 @@ def test_leases_are_compared_with_the_database_clock_not_the_host(url: str) -> N
 
 def test_a_delivery_taken_over_records_nothing(driver: Driver) -> None:
     saga_id = driver.engine.enqueue(sweep.three, {"do": {"c": "fail"}})
+    while not driver.store.notifications(saga_id):  # up to the rollback and its notice
+        d = driver.queue.popleft()
+        if d.task_name != "sagaq.notify":
+            driver.execute(d)
     driver.queue.clear()
-    (notice,) = driver.store.notifications(saga_id) or [None]
-    if notice is None:  # the rolling-back notice comes with the rollback: run until then
-        settle(driver, saga_id)
-        return
+    (notice,) = driver.store.notifications(saga_id)
     first = driver.store.begin_delivery(notice.id)
     assert first is not None
     driver.clock.advance(120.0)  # the first sender stalled past the sending lease
     second = driver.store.begin_delivery(notice.id)
     assert second is not None and second.attempts == first.attempts + 1
     assert driver.store.end_delivery(first, sent=False, error="late", retry_in=1.0) == []
-    assert driver.store.notification(notice.id).status == "sending"  # still the second's
+    found = driver.store.notification(notice.id)
+    assert found is not None and found.status == "sending"  # still the second sender's
+    assert driver.store.end_delivery(second, sent=True) == []
+    found = driver.store.notification(notice.id)
+    assert found is not None and found.status == "sent"
+
+
+def test_a_saga_with_no_way_forward_that_repair_cannot_rebuild_pages(driver: Driver) -> None:
+    """Its scheduled run deleted by hand (not only the message): nothing to publish again,
+    so the reconciler's last sweep escalates, and the page goes out (DESIGN §4.13)."""
+    saga_id = driver.engine.enqueue(sweep.bare, {})
+    driver.queue.clear()
+    with driver.store.engine.begin() as conn:
+        conn.execute(sa.delete(OUTBOX).where(OUTBOX.c.saga_id == saga_id))
+        conn.execute(sa.delete(RUNS).where(RUNS.c.saga_id == saga_id))
+    (stranded,) = driver.store.stranded(saga_id=saga_id)
+    assert "no step is scheduled or running" in stranded.reason
+    driver.reconcile()
+    saga = driver.store.get_saga_or_raise(saga_id)
+    assert saga.state is SagaState.NEEDS_HUMAN and "no way forward" in (saga.error or "")
+    driver.drain()
+    assert any(n.kind is Kind.PAGE and n.saga_id == saga_id for n in driver.notifier.sent)
+    assert driver.store.stranded(saga_id=saga_id) == []
 
 
 def test_a_long_compensation_under_a_live_lease_is_not_a_stalled_rollback(
