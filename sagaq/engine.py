@@ -116,8 +116,7 @@ class Engine:
         payload = to_json({} if input is None else input, f"input of saga {definition.name!r}")
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 255):
             raise InputError("key must be a non-empty string of at most 255 characters")
-        refuse_nul(payload, f"the input of saga {definition.name!r}")
-        refuse_nul(key, "the key")
+        refuse_nul(key, "the key")  # the input: to_json above refused U+0000 already
         saga_id = str(uuid.uuid4())
         first = self._new_run(saga_id, steps[0], Direction.FORWARD, 1, reason="first step")
         with database_errors(self.store.engine):  # DatabaseUnavailable, not a raw DBAPIError

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 
 from sagaq.machine import FINISHED, SagaState, StepStatus
 from sagaq.notify.base import Action, Kind
-from sagaq.store.base import Lost, StoreBase
+from sagaq.store.base import NOTIFY_TASK, Lost, StoreBase
 from sagaq.store.faults import Write
 from sagaq.store.models import APPROVALS, NOTIFICATIONS, OUTBOX, RUNS, SAGAS
 from sagaq.store.records import Dispatch, SagaRecord, Stranded
@@ -199,7 +199,5 @@ class Liveness(StoreBase):
                 ~sa.exists().where(OUTBOX.c.notification_id == NOTIFICATIONS.c.id),
             )
         ).scalars().all()
-        from sagaq.store.base import NOTIFY_TASK
-
         return [self._outbox(conn, saga.id, NOTIFY_TASK, n, tl.now, ref="notification_id")
                 for n in rows]
