@@ -537,3 +537,24 @@ def test_a_resolver_whose_resolution_was_taken_over_loses_its_outcome(driver: Dr
                              status=StepStatus.UNKNOWN)
     assert not late.won
     assert driver.store.get_saga_or_raise(saga_id).state is SagaState.RUNNING
+
+
+def test_a_release_taken_over_records_nothing(driver: Driver) -> None:
+    """DESIGN §4.14 for releases: a releaser that stalled past its lease and was taken over
+    records nothing when it comes back; the one that took over does."""
+    saga_id = driver.engine.enqueue(sweep.leaky, {"do": {"a": "resource", "b": "fail"}})
+    driver.drain()
+    assert driver.store.get_saga_or_raise(saga_id).state is SagaState.COMPENSATED
+    driver.store.orphans()  # held → releasing, with its message (not run here)
+    (res,) = driver.store.resources(saga_id)
+    first = driver.store.begin_release(res.id)
+    assert first is not None
+    driver.clock.advance(400.0)  # past the releasing lease: the first releaser stalled
+    second = driver.store.begin_release(res.id)
+    assert second is not None and second.attempts == first.attempts + 1
+    assert driver.store.end_release(first, released=False, error="late") == []
+    (still,) = driver.store.resources(saga_id)
+    assert (still.status, still.last_error) == ("releasing", None)  # no late page either
+    driver.store.end_release(second, released=True)
+    (done,) = driver.store.resources(saga_id)
+    assert done.status == "released"
