@@ -46,16 +46,16 @@ def test_a_short_chaos_run_loses_nothing_and_doubles_nothing(broker, redis_base_
     assert figures["pages_expected"] > 0  # the mix includes compensations that must page
     assert figures["pages_sent"] == figures["pages_expected"], shown
     assert (figures["kills"], figures["flushes"], figures["pg_restarts"]) == (3, 1, 0), shown
-    # The stopped worker's step was taken over; resumed, it wrote late, and lost.
     assert figures["sigstops"] == 1, shown
-    # The stop caught a step mid-way, and the step wrote late. If the run was taken over
+    # The stop caught a step mid-way; if the step wrote late and the run was taken over
     # meanwhile, the write lost; if nobody took it over during the stop (the other workers
     # busy, or RabbitMQ handing the recovery message to the stopped worker's own free
     # prefetch slot), it is still the live attempt's and the delivery fence lets it win.
     # A zombie's write cannot get past the fence: none may break a later constraint. The
     # deterministic version: test_crash.py::test_a_worker_stopped_past_its_lease_and_….
+    # Whether the stopped step writes at all after its resume is timing (its parent may
+    # kill it at its time limit first): the fault is a late write past the fence.
     assert figures["late_writes_raised"] == 0, shown
-    assert figures["late_writes_won"] + figures["late_writes_lost"] >= 1, shown
     assert figures["db_errors_injected"] == figures["crash_points_swept"] == 0, shown
     # No saga without a way forward (Store.stranded, issue 10).
     assert figures["liveness_violations"] == 0, shown
