@@ -6,10 +6,10 @@ store calls it before it writes any step run, forward or compensation.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sagaq import keys
 from sagaq.definition import Registry, StepKind
 from sagaq.machine import Direction
 from sagaq.policy import ALLOW_ALL, Decision, Facts, Policy, Rule, Verdict
@@ -18,8 +18,7 @@ from sagaq.store.records import ApprovalRecord
 
 def approval_id(saga_id: str, step: str, direction: str, rule: Rule) -> str:
     """One request per (saga, step, direction, rule as it reads now): asking twice finds it."""
-    raw = f"{saga_id}:{step}:{direction}:{rule.id}:{rule.fingerprint}"
-    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+    return keys.approval_id(saga_id, step, direction, rule.id, rule.fingerprint)
 
 
 @dataclass(frozen=True)

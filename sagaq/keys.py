@@ -24,3 +24,9 @@ def idempotency_key(saga_id: str, step: str, direction: Direction | str = Direct
 def release_key(saga_id: str, kind: str, external_id: str) -> str:
     """The key for releasing one orphaned resource: the same on every retry."""
     return hashlib.sha256(f"{saga_id}:resource:{kind}:{external_id}:release".encode()).hexdigest()
+
+
+def approval_id(saga_id: str, step: str, direction: str, rule_id: str, fingerprint: str) -> str:
+    """One request per (saga, step, direction, rule as it reads now): asking twice finds it."""
+    raw = f"{saga_id}:{step}:{direction}:{rule_id}:{fingerprint}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]

@@ -25,7 +25,7 @@ from sagaq.definition import Saga, Step
 from sagaq.errors import ConfigurationError
 from sagaq.machine import Direction
 from sagaq.store import Dispatch
-from sagaq.store.base import NOTIFY_TASK, RELEASE_TASK
+from sagaq.store.lifecycle import NOTIFY_TASK, RELEASE_TASK
 
 RECONCILE_TASK = "sagaq.reconcile"
 AMQP_SCHEMES = ("amqp", "amqps", "pyamqp", "librabbitmq")

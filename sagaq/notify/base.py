@@ -4,20 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import Enum
 from typing import Any, Protocol
 
 from sagaq.errors import SagaqError
+from sagaq.store.records import Action, Kind  # plain data the store writes, defined below it
 
-
-class Kind(str, Enum):
-    PAGE = "page"  # level 4: wake a human
-    NOTIFY = "notify"  # level 3 and the like: tell, do not page
-
-
-class Action(str, Enum):
-    TRIGGER = "trigger"
-    RESOLVE = "resolve"
+__all__ = ["Action", "DeliveryError", "Kind", "Notice", "Notifier"]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from sagaq.errors import DatabaseUnavailable
+from sagaq.errors import ConfigurationError, DatabaseUnavailable
 from sagaq.settings import normalize_database_url
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -27,8 +27,11 @@ def safe_url(url: str) -> str:
 def create_engine(url: str, *, pool_size: int = 2, max_overflow: int = 2) -> sa.Engine:
     url = normalize_database_url(url)
     parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        return _sqlite_engine(url)
+    if parsed.get_backend_name() != "postgresql":
+        raise ConfigurationError(
+            f"sagaq stores sagas in PostgreSQL only, not {parsed.get_backend_name()}: set "
+            "SAGAQ_DATABASE_URL=postgresql://..., or leave it unset for the embedded "
+            "PostgreSQL (pip install 'sagaq[embedded]')")
     return _drop_dead_on_checkout(sa.create_engine(
         url,
         pool_size=pool_size,
@@ -39,16 +42,20 @@ def create_engine(url: str, *, pool_size: int = 2, max_overflow: int = 2) -> sa.
     ))
 
 
-def autocommit_engine(engine: sa.Engine) -> sa.Engine:
-    """A second engine on the same database whose connections stay in autocommit."""
+def autocommit_engine(engine: sa.Engine, *, read_only: bool = False) -> sa.Engine:
+    """A second engine on the same database whose connections stay in autocommit
+    (``read_only``: and refuse to write)."""
     pool = engine.pool
     size, overflow = (pool.size(), pool._max_overflow) if isinstance(pool, sa.QueuePool) else (2, 2)
+    args: dict[str, Any] = {"connect_timeout": 5}
+    if read_only:
+        args["options"] = "-c default_transaction_read_only=on"
     return _drop_dead_on_checkout(sa.create_engine(
         engine.url,
         isolation_level="AUTOCOMMIT",
         pool_size=size,
         max_overflow=overflow,
-        connect_args={"connect_timeout": 5},
+        connect_args=args,
     ))
 
 
@@ -75,28 +82,6 @@ def _is_dead(dbapi_conn: Any) -> bool:
     except Exception:  # no socket to look at (closed already): let the pool replace it
         return True
     return bool(readable)
-
-
-def _sqlite_engine(url: str) -> sa.Engine:
-    engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-
-    @sa.event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Let SQLAlchemy emit BEGIN itself (below) instead of pysqlite's implicit one.
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=30000")
-        cur.close()
-
-    @sa.event.listens_for(engine, "begin")
-    def _on_begin(conn: sa.Connection) -> None:
-        # Take the write lock up front: two deferred transactions that both upgrade to a
-        # write lock fail with "database is locked" instead of waiting.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-    return engine
 
 
 def check(engine: sa.Engine) -> None:

@@ -5,9 +5,39 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 from sagaq.machine import Direction, SagaState, StepStatus
+
+
+class Kind(str, Enum):
+    """What a notification is for."""
+
+    PAGE = "page"  # level 4: wake a human
+    NOTIFY = "notify"  # level 3 and the like: tell, do not page
+
+
+class Action(str, Enum):
+    TRIGGER = "trigger"
+    RESOLVE = "resolve"
+
+
+class Gatekeeper(Protocol):
+    """What the store asks of the policy gate (:class:`sagaq.gate.Gate` is one): the store
+    writes the verdicts, it does not import the gate."""
+
+    @property
+    def active(self) -> bool: ...
+
+    @property
+    def policy(self) -> Any: ...
+
+    def needs_approvals(self, saga: str, step: str, direction: Direction) -> bool: ...
+
+    def check(self, saga: str, step: str, direction: Direction,
+              approvals: list[ApprovalRecord]) -> Any: ...
+
+    def after_pivot(self, saga: str, step: str) -> bool: ...
 
 
 @dataclass(frozen=True)

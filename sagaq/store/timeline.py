@@ -18,6 +18,9 @@ from sagaq.store.records import (
     StepRunRecord,
 )
 
+EVENT_COLUMNS = ["saga_id", "at", "kind", "step", "step_run_id", "worker", "task_id", "message",
+                 "data"]
+
 
 class Timeline:
     """Collects the events a transaction appends to a saga's timeline."""

@@ -106,7 +106,7 @@ def test_the_sweep_reaches_every_commit_the_store_makes(url: str) -> None:
 
 
 def test_no_commit_bypasses_the_one_place_where_the_store_commits() -> None:
-    """Transactions begin, and autocommit connections open, only in ``StoreBase._write``."""
+    """Transactions begin, and autocommit connections open, only in ``Database.write``."""
     offenders = []
     for path in SAGAQ.rglob("*.py"):
         if "migrations" in path.parts:
@@ -115,9 +115,9 @@ def test_no_commit_bypasses_the_one_place_where_the_store_commits() -> None:
             if re.search(r"\.begin\(\)|\.commit\(\)|autocommit\.connect\(\)", line):
                 offenders.append(f"{path.relative_to(SAGAQ.parent)}:{number}: {line.strip()}")
     assert offenders == [
-        "sagaq/store/base.py:" + offenders[0].split(":")[1] + ": "
+        "sagaq/store/db.py:" + offenders[0].split(":")[1] + ": "
         "with self.autocommit.connect() as conn:",
-        "sagaq/store/base.py:" + offenders[1].split(":")[1] + ": "
+        "sagaq/store/db.py:" + offenders[1].split(":")[1] + ": "
         "with self.engine.begin() as conn:",
     ], "\n".join(offenders)
 
