@@ -6,20 +6,38 @@ store calls it before it writes any step run, forward or compensation.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from sagaq.definition import Registry, StepKind
+from sagaq.keys import approval_id as approval_id  # moved to keys (the store derives it too)
 from sagaq.machine import Direction
 from sagaq.policy import ALLOW_ALL, Decision, Facts, Policy, Rule, Verdict
-from sagaq.store.records import ApprovalRecord
 
 
-def approval_id(saga_id: str, step: str, direction: str, rule: Rule) -> str:
-    """One request per (saga, step, direction, rule as it reads now): asking twice finds it."""
-    raw = f"{saga_id}:{step}:{direction}:{rule.id}:{rule.fingerprint}"
-    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+class Approval(Protocol):
+    """An approval as the gate reads it (the store's ApprovalRecord): the gate sits below the
+    store, so it names the fields it needs instead of importing the record."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def step(self) -> str: ...
+    @property
+    def direction(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def rule_id(self) -> str: ...
+    @property
+    def rule_fingerprint(self) -> str: ...
+    @property
+    def policy_version(self) -> str | None: ...
+    @property
+    def decided_under(self) -> str | None: ...
+    @property
+    def decided_by(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -27,7 +45,7 @@ class GateResult:
     decision: Decision
     verdict: Verdict
     rule: Rule | None = None  # the rule that denies, or whose approval is needed
-    approval: ApprovalRecord | None = None  # the approval that satisfied a require_human
+    approval: Approval | None = None  # the approval that satisfied a require_human
     note: str = ""
 
 
@@ -84,7 +102,7 @@ class Gate:
         saga: str,
         step: str,
         direction: Direction,
-        approvals: Sequence[ApprovalRecord] = (),
+        approvals: Sequence[Approval] = (),
     ) -> GateResult:
         approved = [a for a in approvals if a.status == "approved" and a.step == step
                     and a.direction == direction.value]
@@ -96,7 +114,7 @@ class Gate:
         # require_human: every matching rule that asks for a human needs its own approval,
         # granted for the rule as it reads now (an edited rule asks again).
         notes = []
-        last: ApprovalRecord | None = None
+        last: Approval | None = None
         for rule_id in verdict.matched:
             rule = self.policy.rule(rule_id)
             if rule is None or rule.decision is not Decision.REQUIRE_HUMAN:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Protocol
 
 from sagaq.machine import Direction
 
@@ -24,3 +25,16 @@ def idempotency_key(saga_id: str, step: str, direction: Direction | str = Direct
 def release_key(saga_id: str, kind: str, external_id: str) -> str:
     """The key for releasing one orphaned resource: the same on every retry."""
     return hashlib.sha256(f"{saga_id}:resource:{kind}:{external_id}:release".encode()).hexdigest()
+
+
+class _Rule(Protocol):  # a policy rule as the key reads it (keys sits below the policy)
+    @property
+    def id(self) -> str: ...
+    @property
+    def fingerprint(self) -> str: ...
+
+
+def approval_id(saga_id: str, step: str, direction: str, rule: _Rule) -> str:
+    """One request per (saga, step, direction, rule as it reads now): asking twice finds it."""
+    raw = f"{saga_id}:{step}:{direction}:{rule.id}:{rule.fingerprint}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]

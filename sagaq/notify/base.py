@@ -4,20 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import Enum
 from typing import Any, Protocol
 
 from sagaq.errors import SagaqError
-
-
-class Kind(str, Enum):
-    PAGE = "page"  # level 4: wake a human
-    NOTIFY = "notify"  # level 3 and the like: tell, do not page
-
-
-class Action(str, Enum):
-    TRIGGER = "trigger"
-    RESOLVE = "resolve"
+from sagaq.kinds import Action as Action  # below the store, which writes them
+from sagaq.kinds import Kind as Kind
 
 
 @dataclass(frozen=True)
