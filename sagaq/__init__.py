@@ -25,8 +25,7 @@ from sagaq.errors import (
     UnknownSagaError,
 )
 from sagaq.machine import Direction, SagaState, StepStatus
-# Importing the runtime installs it as the hook Saga.enqueue reaches it through.
-from sagaq.runtime import Runtime, configure, default_runtime
+from sagaq.runtime import Runtime, configure, default_runtime  # installs Saga.enqueue's hook
 from sagaq.secrets import Secret
 from sagaq.settings import Settings
 
