@@ -136,3 +136,33 @@ def test_import_contracts_hold() -> None:
         passed = lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_logo=True,
                               cache_dir=None)
     assert passed, out.getvalue()
+
+
+def test_saga_enqueue_goes_through_the_hook_the_runtime_installs() -> None:
+    """definition never imports the runtime: importing sagaq installs the hook, and without
+    one Saga.enqueue says what is missing instead of failing on an import."""
+    import sagaq
+    from sagaq import definition, runtime
+    from sagaq.definition import Registry, Saga
+
+    assert definition._enqueue is runtime._enqueue  # `import sagaq` installed it
+    saga = Saga("hooked", registry=Registry())
+
+    @saga.step(side_effect=False)
+    def look(ctx: object, inp: object) -> None: ...
+
+    calls: list[tuple[object, ...]] = []
+
+    def record(s: Saga, input: object, *, key: str | None, session: object) -> str:
+        calls.append((s, input, key, session))
+        return "saga-id"
+
+    try:
+        definition.use_enqueue(None)
+        with pytest.raises(sagaq.ConfigurationError, match="import sagaq"):
+            saga.enqueue({"a": 1})
+        definition.use_enqueue(record)
+        assert saga.enqueue({"a": 1}, key="k") == "saga-id"
+        assert calls == [(saga, {"a": 1}, "k", None)]
+    finally:
+        definition.use_enqueue(runtime._enqueue)
