@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from sagaq import keys
 from sagaq.definition import Registry, StepKind
-from sagaq.keys import approval_id as approval_id  # moved to keys (the store derives it too)
 from sagaq.machine import Direction
 from sagaq.policy import ALLOW_ALL, Decision, Facts, Policy, Rule, Verdict
 
@@ -38,6 +38,11 @@ class Approval(Protocol):
     def decided_under(self) -> str | None: ...
     @property
     def decided_by(self) -> str | None: ...
+
+
+def approval_id(saga_id: str, step: str, direction: str, rule: Rule) -> str:
+    """One request per (saga, step, direction, rule as it reads now): asking twice finds it."""
+    return keys.approval_id(saga_id, step, direction, rule.id, rule.fingerprint)
 
 
 @dataclass(frozen=True)

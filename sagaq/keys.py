@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Protocol
 
 from sagaq.machine import Direction
 
@@ -27,14 +26,8 @@ def release_key(saga_id: str, kind: str, external_id: str) -> str:
     return hashlib.sha256(f"{saga_id}:resource:{kind}:{external_id}:release".encode()).hexdigest()
 
 
-class _Rule(Protocol):  # a policy rule as the key reads it (keys sits below the policy)
-    @property
-    def id(self) -> str: ...
-    @property
-    def fingerprint(self) -> str: ...
 
-
-def approval_id(saga_id: str, step: str, direction: str, rule: _Rule) -> str:
+def approval_id(saga_id: str, step: str, direction: str, rule_id: str, fingerprint: str) -> str:
     """One request per (saga, step, direction, rule as it reads now): asking twice finds it."""
-    raw = f"{saga_id}:{step}:{direction}:{rule.id}:{rule.fingerprint}"
+    raw = f"{saga_id}:{step}:{direction}:{rule_id}:{fingerprint}"
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
