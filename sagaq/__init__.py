@@ -25,7 +25,7 @@ from sagaq.errors import (
     UnknownSagaError,
 )
 from sagaq.machine import Direction, SagaState, StepStatus
-from sagaq.runtime import Runtime, configure, default_runtime
+from sagaq.runtime import Runtime, configure, default_runtime  # installs Saga.enqueue's hook
 from sagaq.secrets import Secret
 from sagaq.settings import Settings
 

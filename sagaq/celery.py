@@ -12,6 +12,7 @@ from typing import Any
 from celery import signals
 
 from sagaq.errors import SagaqError
+from sagaq.preflight import check_start
 from sagaq.runtime import default_runtime
 
 try:
@@ -23,8 +24,6 @@ except SagaqError as exc:  # a bad setting: one line naming it, not a traceback
 
 def _refuse_to_start(role: str) -> Callable[..., None]:
     def check(**_: Any) -> None:
-        from sagaq.preflight import check_start
-
         try:
             check_start(default_runtime(), role)
         except SagaqError as exc:

@@ -20,99 +20,36 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
-from sagaq.errors import DefinitionError, UnknownSagaError
+from sagaq.errors import ConfigurationError, DefinitionError, UnknownSagaError
 from sagaq.failures import Classifier
 from sagaq.ladder import Bounds
+from sagaq.step import (
+    NAME,
+    Action,
+    Pending,
+    Releaser,
+    Step,
+    StepKind,
+    Validate,
+    Verify,
+    check_options,
+    check_order,
+    classifiers,
+    ladder_options,
+    queue_name,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from sagaq.context import ReleaseContext, StepContext
-
-Action = Callable[["StepContext", Any], Any]
-Verify = Callable[["StepContext", Any], bool]
-Validate = Callable[["StepContext", Any], Any]  # (ctx, result) -> False or raise to reject
-Releaser = Callable[["ReleaseContext"], Any]  # releases one orphaned resource, idempotently
-
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_QUEUE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,199}$")
-
-
-class StepKind(str, Enum):
-    """Where a step stands relative to the point of no return."""
-
-    COMPENSABLE = "compensable"  # undoable; comes first
-    PIVOT = "pivot"  # the point of no return; at most one
-    RETRYABLE = "retryable"  # after the pivot; idempotent, retried until it succeeds
-    NONCOMPENSABLE = "noncompensable"  # cannot be undone; comes last
-
-
-@dataclass(frozen=True)
-class Step:
-    """One forward action, its way back (or the reason there is none), and its read-back."""
-
-    saga: str
-    name: str
-    index: int
-    action: Action
-    kind: StepKind = StepKind.COMPENSABLE
-    compensate: Action | None = None
-    compensate_name: str | None = None
-    verify: Verify | None = None
-    verify_name: str | None = None
-    at_most_once: bool = False
-    no_rollback: str | None = None
-    side_effect: bool = True
-    retries: int | None = None  # None: the settings' default for the kind
-    timeout: float | None = None  # seconds the action may run; None: the settings' default
-    rungs: frozenset[int] = frozenset({0})  # which of ladder rungs 0-2 apply
-    tiers: tuple[str, ...] = ()  # model tiers, small → large; the first is the default
-    fallback: Action | None = None  # run at rung 2 once the tiers are spent
-    validate: Validate | None = None  # rejects a result: a logical failure
-    ladder: Bounds = field(default_factory=Bounds)
-    classify: tuple[Classifier, ...] = ()
-    topic: str | None = None  # for the policy gate, e.g. "infra.delete"
-    tags: tuple[str, ...] = ()  # for the policy gate, e.g. ("payments", "prod-write")
-    queue: str | None = None  # the Celery queue of its tasks; None: SAGAQ_QUEUE
-
-    @property
-    def task_name(self) -> str:
-        return f"sagaq.{self.saga}.{self.name}"
-
-    @property
-    def compensate_task_name(self) -> str | None:
-        return f"sagaq.{self.saga}.{self.name}.compensate" if self.compensate_name else None
-
-    def structure(self) -> dict[str, Any]:
-        """The parts of the step that change what the engine does; hashed into the version."""
-        return {
-            "name": self.name,
-            "kind": self.kind.value,
-            "compensate": self.compensate_name,
-            "verify": self.verify_name,
-            "at_most_once": self.at_most_once,
-            "no_rollback": self.no_rollback,
-            "side_effect": self.side_effect,
-        }
-
-
-@dataclass
-class _Pending:
-    """A step as declared, before names are resolved."""
-
-    name: str
-    action: Action
-    kind: StepKind
-    compensate: str | Action | None
-    verify: str | Verify | None
-    options: dict[str, Any] = field(default_factory=dict)
+__all__ = [
+    "Action", "Enqueue", "Registry", "Releaser", "Saga", "Step", "StepKind", "Validate",
+    "Verify", "sagas", "use_enqueue",
+]
 
 
 class Saga:
@@ -127,17 +64,17 @@ class Saga:
         registry: Registry | None = None,
         queue: str | None = None,
     ) -> None:
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not NAME.match(name):
             raise DefinitionError(
                 str(name), None, "a saga name is letters, digits and underscores, not a digit first"
             )
         self.name = name
-        self.queue = _queue(name, None, queue)  # its steps' default Celery queue
+        self.queue = queue_name(name, None, queue)  # its steps' default Celery queue
         self.ladder = ladder or Bounds()
-        self.classify = _classifiers(name, None, classify)
+        self.classify = classifiers(name, None, classify)
         self.refresh_hook: Action | None = None
         self.releasers: dict[str, Releaser] = {}
-        self._pending: list[_Pending] = []
+        self._pending: list[Pending] = []
         self._helpers: dict[str, Callable[..., Any]] = {}
         self._steps: tuple[Step, ...] | None = None
         self._lock = threading.Lock()
@@ -234,7 +171,7 @@ class Saga:
                 classify=classify,
                 topic=topic,
                 tags=tags,
-                queue=_queue(self.name, name or getattr(action, "__name__", None), queue)
+                queue=queue_name(self.name, name or getattr(action, "__name__", None), queue)
                 or self.queue,
             )
             return action
@@ -278,7 +215,7 @@ class Saga:
 
     def _helper(self, fn: Callable[..., Any]) -> None:
         name = getattr(fn, "__name__", "")
-        if not callable(fn) or not _NAME.match(name):
+        if not callable(fn) or not NAME.match(name):
             raise DefinitionError(self.name, None, f"{fn!r} is not a named function")
         if name in self._helpers and self._helpers[name] is not fn:
             raise DefinitionError(self.name, None, f"two helpers are named {name!r}")
@@ -298,7 +235,7 @@ class Saga:
             raise DefinitionError(
                 self.name, name, "the saga is already sealed (in use); declare steps at import"
             )
-        if not _NAME.match(name):
+        if not NAME.match(name):
             raise DefinitionError(
                 self.name, name or None, "a step name is letters, digits and underscores"
             )
@@ -313,10 +250,10 @@ class Saga:
             raise DefinitionError(
                 self.name, name, f"unknown kind {kind!r} (one of {kinds})"
             ) from None
-        _check_options(self.name, name, step_kind, compensate, options)
-        options = _ladder_options(self.name, name, options)
-        _check_order(self.name, name, step_kind, [p.kind for p in self._pending])
-        self._pending.append(_Pending(name, action, step_kind, compensate, verify, options))
+        check_options(self.name, name, step_kind, compensate, options)
+        options = ladder_options(self.name, name, options)
+        check_order(self.name, name, step_kind, [p.kind for p in self._pending])
+        self._pending.append(Pending(name, action, step_kind, compensate, verify, options))
 
     # -- using -------------------------------------------------------------------------
 
@@ -329,7 +266,7 @@ class Saga:
                 self._steps = tuple(self._resolve(i, p) for i, p in enumerate(self._pending))
             return self._steps
 
-    def _resolve(self, index: int, p: _Pending) -> Step:
+    def _resolve(self, index: int, p: Pending) -> Step:
         compensate, compensate_name = self._lookup(p.name, p.compensate, "compensation")
         verify, verify_name = self._lookup(p.name, p.verify, "verifier")
         return Step(
@@ -398,128 +335,34 @@ class Saga:
         session: Session | None = None,
     ) -> str:
         """Start a run of this saga on the default runtime; returns the saga id."""
-        from sagaq.runtime import default_runtime
-
-        return default_runtime().engine.enqueue(self, input, key=key, session=session)
-
-
-def _check_options(
-    saga: str,
-    step: str,
-    kind: StepKind,
-    compensate: object,
-    options: dict[str, Any],
-) -> None:
-    no_rollback = options.get("no_rollback")
-    if no_rollback is not None and (not isinstance(no_rollback, str) or not no_rollback.strip()):
-        raise DefinitionError(saga, step, "no_rollback must be a non-empty reason")
-    if compensate is not None and kind is not StepKind.COMPENSABLE:
-        raise DefinitionError(
-            saga, step, f"only compensable steps take a compensation; this one is {kind.value}"
-        )
-    if compensate is not None and no_rollback is not None:
-        raise DefinitionError(saga, step, "give compensate or no_rollback, not both")
-    if (
-        kind is StepKind.COMPENSABLE
-        and options.get("side_effect", True)
-        and compensate is None
-        and no_rollback is None
-    ):
-        raise DefinitionError(
-            saga,
-            step,
-            "a step with side effects needs compensate=... or no_rollback='reason' "
-            "(or side_effect=False if it only reads)",
-        )
-    retries = options.get("retries")
-    # bool is an int to Python, never a count or a duration to an author: refused too.
-    if retries is not None and (
-        not isinstance(retries, int) or isinstance(retries, bool) or retries < 0
-    ):
-        raise DefinitionError(saga, step, "retries must be a whole number >= 0")
-    timeout = options.get("timeout")
-    if timeout is not None and (
-        not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0
-    ):
-        raise DefinitionError(saga, step, "timeout must be a positive number of seconds")
+        if _enqueue is None:
+            raise ConfigurationError("no runtime to enqueue on: `import sagaq` installs it")
+        return _enqueue(self, input, key=key, session=session)
 
 
-def _ladder_options(saga: str, step: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Normalise the ladder options of one step; raise on the ones that cannot work."""
-    tiers = options.get("tiers") or ()
-    if not isinstance(tiers, tuple | list) or not all(isinstance(t, str) and t for t in tiers):
-        raise DefinitionError(saga, step, "tiers is a tuple of tier names, small → large")
-    tiers = tuple(tiers)
-    if len(set(tiers)) != len(tiers) or "fallback" in tiers:
-        raise DefinitionError(saga, step, "tier names are unique and not 'fallback'")
-    fallback = options.get("fallback")
-    if fallback is not None and not callable(fallback):
-        raise DefinitionError(saga, step, "fallback must be callable")
-    rungs = options.get("rungs")
-    if rungs is None:
-        rungs = (0, 1, 2) if tiers or fallback else (0,)
-    if not isinstance(rungs, tuple | list | set | frozenset) or not set(rungs) <= {0, 1, 2}:
-        raise DefinitionError(saga, step, "rungs names which of ladder rungs 0, 1, 2 apply")
-    ladder = options.get("ladder")
-    ladder = Bounds() if ladder is None else ladder
-    if not isinstance(ladder, Bounds):
-        raise DefinitionError(saga, step, "ladder must be a sagaq.ladder.Bounds")
-    if options.get("retries") is not None:
-        ladder = Bounds(retries=options["retries"]).over(ladder)
-    classify = _classifiers(saga, step, options.get("classify") or ())
-    validate = options.get("validate")
-    if validate is not None and not callable(validate):
-        raise DefinitionError(saga, step, "validate must be callable")
-    topic = options.get("topic")
-    if topic is not None and (not isinstance(topic, str) or not topic):
-        raise DefinitionError(saga, step, "topic must be a non-empty text, e.g. 'infra.delete'")
-    tags = options.get("tags") or ()
-    if isinstance(tags, str) or not all(isinstance(t, str) and t for t in tags):
-        raise DefinitionError(saga, step, "tags is a tuple of non-empty texts")
-    return {
-        **options,
-        "tiers": tiers + (("fallback",) if fallback else ()),
-        "rungs": frozenset(rungs),
-        "ladder": ladder,
-        "classify": classify,
-        "tags": tuple(tags),
-    }
+class Enqueue(Protocol):
+    """What :meth:`Saga.enqueue` hands a run to: the default runtime's engine.enqueue."""
+
+    def __call__(
+        self,
+        saga: Saga,
+        input: Mapping[str, Any] | None,
+        *,
+        key: str | None,
+        session: Session | None,
+    ) -> str: ...
 
 
-def _queue(saga: str, step: str | None, value: object) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not _QUEUE.match(value):
-        raise DefinitionError(
-            saga, step, f"queue {value!r} is not a queue name (letters, digits, . _ -)"
-        )
-    return value
+_enqueue: Enqueue | None = None
 
 
-def _classifiers(saga: str, step: str | None, value: Any) -> tuple[Classifier, ...]:
-    found = (value,) if callable(value) else value
-    if not isinstance(found, tuple | list) or not all(callable(c) for c in found):
-        raise DefinitionError(saga, step, "classify takes a function (or a tuple of them) "
-                              "mapping an exception to a FailureClass or None")
-    return tuple(found)
+def use_enqueue(fn: Enqueue | None) -> None:
+    """Install what ``Saga.enqueue`` calls. The runtime installs itself when imported, so
+    that this module, below it, never imports it; None uninstalls."""
+    global _enqueue
+    _enqueue = fn
 
 
-def _check_order(saga: str, step: str, kind: StepKind, before: list[StepKind]) -> None:
-    seen = set(before)
-    if kind is StepKind.COMPENSABLE and seen - {StepKind.COMPENSABLE}:
-        raise DefinitionError(
-            saga, step, "compensable steps come before the pivot and any step that cannot be undone"
-        )
-    if kind is StepKind.PIVOT and StepKind.PIVOT in seen:
-        raise DefinitionError(saga, step, "a saga has at most one pivot")
-    if kind is StepKind.PIVOT and seen & {StepKind.RETRYABLE, StepKind.NONCOMPENSABLE}:
-        raise DefinitionError(
-            saga, step, "the pivot comes before retryable and noncompensable steps"
-        )
-    if kind is StepKind.RETRYABLE and StepKind.PIVOT not in seen:
-        raise DefinitionError(saga, step, "retryable steps come after the pivot")
-    if kind is not StepKind.NONCOMPENSABLE and StepKind.NONCOMPENSABLE in seen:
-        raise DefinitionError(saga, step, "noncompensable steps come last")
 
 
 class Registry:

@@ -8,12 +8,36 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from sagaq import keys
 from sagaq.definition import Registry, StepKind
 from sagaq.machine import Direction
 from sagaq.policy import ALLOW_ALL, Decision, Facts, Policy, Rule, Verdict
-from sagaq.store.records import ApprovalRecord
+
+
+class Approval(Protocol):
+    """An approval as the gate reads it (the store's ApprovalRecord): the gate sits below the
+    store, so it names the fields it needs instead of importing the record."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def step(self) -> str: ...
+    @property
+    def direction(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def rule_id(self) -> str: ...
+    @property
+    def rule_fingerprint(self) -> str: ...
+    @property
+    def policy_version(self) -> str | None: ...
+    @property
+    def decided_under(self) -> str | None: ...
+    @property
+    def decided_by(self) -> str | None: ...
 
 
 def approval_id(saga_id: str, step: str, direction: str, rule: Rule) -> str:
@@ -26,7 +50,7 @@ class GateResult:
     decision: Decision
     verdict: Verdict
     rule: Rule | None = None  # the rule that denies, or whose approval is needed
-    approval: ApprovalRecord | None = None  # the approval that satisfied a require_human
+    approval: Approval | None = None  # the approval that satisfied a require_human
     note: str = ""
 
 
@@ -83,7 +107,7 @@ class Gate:
         saga: str,
         step: str,
         direction: Direction,
-        approvals: Sequence[ApprovalRecord] = (),
+        approvals: Sequence[Approval] = (),
     ) -> GateResult:
         approved = [a for a in approvals if a.status == "approved" and a.step == step
                     and a.direction == direction.value]
@@ -95,7 +119,7 @@ class Gate:
         # require_human: every matching rule that asks for a human needs its own approval,
         # granted for the rule as it reads now (an edited rule asks again).
         notes = []
-        last: ApprovalRecord | None = None
+        last: Approval | None = None
         for rule_id in verdict.matched:
             rule = self.policy.rule(rule_id)
             if rule is None or rule.decision is not Decision.REQUIRE_HUMAN:

@@ -8,35 +8,30 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 
 from sagaq.errors import ConfigurationError, DatabaseUnavailable, InputError
+from sagaq.settings import URL_FORM as URL_FORM  # the URL's check runs in Settings.validated
+from sagaq.settings import Settings
+from sagaq.settings import check_database_url as check_database_url
 
-if TYPE_CHECKING:
-    from sagaq.runtime import Runtime
-
-URL_FORM = "postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME"
 _UNDEFINED_TABLE = "42P01"
 
 
-def check_database_url(url: str) -> None:
-    """A URL sqlalchemy can parse, for a backend sagaq runs on; never echoes a password."""
-    from sqlalchemy.engine import make_url
+class _Store(Protocol):
+    @property
+    def engine(self) -> sa.Engine: ...
 
-    try:
-        parsed = make_url(url)
-    except Exception:
-        raise ConfigurationError(
-            f"SAGAQ_DATABASE_URL (or --database-url) is not a URL; expected {URL_FORM}"
-        ) from None
-    backend = parsed.get_backend_name()
-    if backend not in ("postgresql", "postgres", "sqlite"):
-        raise ConfigurationError(
-            f"SAGAQ_DATABASE_URL (or --database-url) is a {backend!r} URL; sagaq runs on "
-            f"PostgreSQL: expected {URL_FORM}"
-        )
+
+class Runtime(Protocol):
+    """What the start-up checks read of a :class:`sagaq.runtime.Runtime` (which sits above)."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def store(self) -> _Store: ...
 
 
 def check_schema(engine: sa.Engine) -> None:

@@ -5,25 +5,31 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from sagaq import policy
-from sagaq.definition import Registry, sagas
-from sagaq.engine import Engine
+from sagaq import definition, policy
+from sagaq.context import ReleaseContext
+from sagaq.definition import Registry, Saga, sagas
+from sagaq.engine import Engine, describe
 from sagaq.errors import ConfigurationError
 from sagaq.gate import Gate
+from sagaq.keys import release_key
+from sagaq.ladder import backoff
 from sagaq.notify.base import Kind, Notifier
 from sagaq.notify.config import load_notifiers, notifiers_by_name
+from sagaq.notify.delivery import deliver
 from sagaq.policy import ALLOW_ALL
 from sagaq.reconciler import Sweep, sweep
 from sagaq.settings import Settings
 from sagaq.store import Store
 from sagaq.store.database import create_engine
 from sagaq.store.faults import Write
+from sagaq.worker import CeleryPublisher, create_app
 
 if TYPE_CHECKING:
     from celery import Celery
+    from sqlalchemy.orm import Session
 
 log = logging.getLogger("sagaq.policy")
 NO_POLICY = "none (no rules: every dispatch allowed)"
@@ -63,8 +69,6 @@ class Runtime:
         )
         self._app: Celery | None = None
         self._lock = threading.Lock()
-        from sagaq.worker import CeleryPublisher
-
         self.engine = Engine(
             self.store,
             settings,
@@ -120,15 +124,11 @@ class Runtime:
         """The Celery app, with a task for every step of every known saga."""
         with self._lock:
             if self._app is None:
-                from sagaq.worker import create_app
-
                 self._app = create_app(self)
             return self._app
 
     def deliver(self, notification_id: int) -> str:
         """Send one notification (the ``sagaq.notify`` task); publishes a retry if needed."""
-        from sagaq.notify.delivery import deliver
-
         word, dispatches = deliver(self.store, self.notifiers, notification_id,
                                    countdown_max=self.settings.countdown_max)
         self.engine.publish_now(dispatches, Write.END_DELIVERY)
@@ -142,11 +142,6 @@ class Runtime:
 
     def release(self, resource_id: int) -> str:
         """Release one orphaned resource (the ``sagaq.release`` task); pages if it cannot."""
-        from sagaq.context import ReleaseContext
-        from sagaq.engine import describe
-        from sagaq.keys import release_key
-        from sagaq.ladder import backoff
-
         res = self.store.begin_release(resource_id)
         if res is None:
             return "dropped (released or in hand)"
@@ -212,3 +207,17 @@ def default_runtime() -> Runtime:
     with _default_lock:
         runtime = _default
     return runtime if runtime is not None else configure()
+
+
+def _enqueue(
+    saga: Saga,
+    input: Mapping[str, Any] | None,
+    *,
+    key: str | None,
+    session: Session | None,
+) -> str:
+    return default_runtime().engine.enqueue(saga, input, key=key, session=session)
+
+
+# Saga.enqueue reaches the default runtime through this hook: definition sits below us.
+definition.use_enqueue(_enqueue)

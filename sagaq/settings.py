@@ -79,8 +79,6 @@ class Settings:
         return replace(self, **changes).validated()
 
     def validated(self) -> Settings:
-        from sagaq.preflight import check_database_url
-
         check_database_url(normalize_database_url(self.database_url))
         seconds = ("visibility_timeout", "consumer_timeout", "step_timeout", "lease_margin",
                    "retry_base", "retry_cap", "countdown_max", "reconcile_interval",
@@ -156,3 +154,24 @@ def normalize_database_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix) :]
     return url
+
+
+URL_FORM = "postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME"
+
+
+def check_database_url(url: str) -> None:
+    """A URL sqlalchemy can parse, for a backend sagaq runs on; never echoes a password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise ConfigurationError(
+            f"SAGAQ_DATABASE_URL (or --database-url) is not a URL; expected {URL_FORM}"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend not in ("postgresql", "postgres", "sqlite"):
+        raise ConfigurationError(
+            f"SAGAQ_DATABASE_URL (or --database-url) is a {backend!r} URL; sagaq runs on "
+            f"PostgreSQL: expected {URL_FORM}"
+        )

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from celery import Celery, signals
 from celery import _state as celery_state
@@ -21,22 +21,40 @@ from celery.concurrency.thread import TaskPool as ThreadTaskPool
 from celery.worker import WorkController
 from kombu.asynchronous import set_event_loop
 
-from sagaq.definition import Saga, Step
+from sagaq.definition import Registry, Saga, Step
+from sagaq.engine import Engine
 from sagaq.errors import ConfigurationError
 from sagaq.machine import Direction
-from sagaq.store import Dispatch
+from sagaq.settings import Settings
+from sagaq.store import Dispatch, Store
 from sagaq.store.lifecycle import NOTIFY_TASK, RELEASE_TASK
 
 RECONCILE_TASK = "sagaq.reconcile"
 AMQP_SCHEMES = ("amqp", "amqps", "pyamqp", "librabbitmq")
 
-if TYPE_CHECKING:
-    from sagaq.runtime import Runtime
-
 log = logging.getLogger("sagaq.worker")
 
 
-def celery_config(runtime: Runtime) -> dict[str, Any]:
+class _Summary(Protocol):
+    def summary(self) -> dict[str, int]: ...
+
+
+class Host(Protocol):
+    """What the worker needs of the runtime that hosts it; :class:`sagaq.runtime.Runtime`
+    satisfies it structurally, so this module never imports the one above it."""
+
+    settings: Settings
+    registry: Registry
+    store: Store
+    engine: Engine
+
+    def record_policy(self, worker: str) -> None: ...
+    def deliver(self, notification_id: int) -> str: ...
+    def reconcile(self) -> _Summary: ...
+    def release(self, resource_id: int) -> str: ...
+
+
+def celery_config(runtime: Host) -> dict[str, Any]:
     s = runtime.settings
     transport: dict[str, Any] = {"visibility_timeout": s.visibility_timeout}
     if s.redis_prefix:
@@ -69,7 +87,7 @@ def celery_config(runtime: Runtime) -> dict[str, Any]:
     }
 
 
-def create_app(runtime: Runtime, *, main: str = "sagaq") -> Celery:
+def create_app(runtime: Host, *, main: str = "sagaq") -> Celery:
     """A Celery app with a task for every step of every saga in the runtime's registry."""
     check_time_limits(runtime)
     app = Celery(main, set_as_current=False)
@@ -93,7 +111,7 @@ def create_app(runtime: Runtime, *, main: str = "sagaq") -> Celery:
     return app
 
 
-def check_time_limits(runtime: Runtime) -> None:
+def check_time_limits(runtime: Host) -> None:
     """Refuse to start when a step may run past the broker's redelivery limit.
 
     Redis redelivers an unacknowledged message after its visibility timeout: the claim would
@@ -127,7 +145,7 @@ def broker_limit(url: str, visibility: float, consumer: float) -> tuple[str, flo
     return "SAGAQ_VISIBILITY_TIMEOUT", visibility
 
 
-def _register_edges(app: Celery, runtime: Runtime) -> None:
+def _register_edges(app: Celery, runtime: Host) -> None:
     """The notification task and the reconciler's beat task."""
 
     def notify(saga_id: str, notification_id: int) -> str:
@@ -161,7 +179,7 @@ def _register_edges(app: Celery, runtime: Runtime) -> None:
     }
 
 
-def step_queues(runtime: Runtime) -> dict[str, str]:
+def step_queues(runtime: Host) -> dict[str, str]:
     """Task name -> queue, for the steps (and compensations) declared with ``queue=``."""
     found: dict[str, str] = {}
     for saga in runtime.registry:
@@ -173,14 +191,14 @@ def step_queues(runtime: Runtime) -> dict[str, str]:
     return found
 
 
-def register_saga(app: Celery, runtime: Runtime, saga: Saga) -> None:
+def register_saga(app: Celery, runtime: Host, saga: Saga) -> None:
     for step in saga.steps:
         _register(app, runtime, step, Direction.FORWARD)
         if step.compensate is not None:
             _register(app, runtime, step, Direction.COMPENSATE)
 
 
-def _register(app: Celery, runtime: Runtime, step: Step, direction: Direction) -> None:
+def _register(app: Celery, runtime: Host, step: Step, direction: Direction) -> None:
     name = step.task_name if direction is Direction.FORWARD else step.compensate_task_name
     if name is None or name in app.tasks:
         return

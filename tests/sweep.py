@@ -36,9 +36,9 @@ from sagaq.notify.delivery import deliver
 from sagaq.policy import parse
 from sagaq.reconciler import sweep
 from sagaq.store import Dispatch, Store
-from sagaq.store.lifecycle import NOTIFY_TASK, RELEASE_TASK
 from sagaq.store.database import create_engine
 from sagaq.store.faults import Phase, Write
+from sagaq.store.lifecycle import NOTIFY_TASK, RELEASE_TASK
 from sagaq.store.models import NOTIFICATIONS, OUTBOX, RESOURCES, RUNS
 from tasks.services import StandIn
 

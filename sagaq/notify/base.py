@@ -7,9 +7,8 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from sagaq.errors import SagaqError
-from sagaq.store.records import Action, Kind  # plain data the store writes, defined below it
-
-__all__ = ["Action", "DeliveryError", "Kind", "Notice", "Notifier"]
+from sagaq.kinds import Action as Action  # below the store, which writes them
+from sagaq.kinds import Kind as Kind
 
 
 @dataclass(frozen=True)

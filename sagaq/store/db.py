@@ -24,10 +24,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 from sqlalchemy.orm import Session
 
+from sagaq.kinds import Kind
 from sagaq.store.database import autocommit_engine
 from sagaq.store.faults import FaultHook, Phase, Write, no_faults
 from sagaq.store.models import SAGAS, UTCDateTime
-from sagaq.store.records import Gatekeeper, Kind, Outcome, SagaRecord
+from sagaq.store.records import Gatekeeper, Outcome, SagaRecord
 from sagaq.store.timeline import Timeline, saga_record
 
 T = TypeVar("T")

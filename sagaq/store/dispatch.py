@@ -17,12 +17,13 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
 from sagaq.keys import approval_id, idempotency_key
+from sagaq.kinds import Action, Kind
 from sagaq.ladder import Rung
 from sagaq.machine import Direction, SagaState, StepStatus
 from sagaq.store.db import Database, run_compiled
 from sagaq.store.lifecycle import add_rung, notify, transition
 from sagaq.store.models import APPROVALS, OUTBOX, RUNS, SAGAS, UTCDateTime
-from sagaq.store.records import Action, Dispatch, Kind, NewRun, SagaRecord
+from sagaq.store.records import Dispatch, NewRun, SagaRecord
 from sagaq.store.timeline import Timeline, approval_record
 
 _RUN_COLS = ["saga_id", "step", "step_index", "direction", "attempt", "status", "task_name",

@@ -14,10 +14,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
+from sagaq.kinds import Action, Kind
 from sagaq.machine import SagaState, next_state
 from sagaq.store.db import Database, Lost
 from sagaq.store.models import NOTIFICATIONS, OUTBOX, RESOURCES, SAGAS
-from sagaq.store.records import Action, Dispatch, Kind, SagaRecord
+from sagaq.store.records import Dispatch, SagaRecord
 from sagaq.store.timeline import Timeline
 
 NOTIFY_TASK = "sagaq.notify"

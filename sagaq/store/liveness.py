@@ -20,13 +20,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from sagaq.kinds import Action, Kind
 from sagaq.machine import FINISHED, SagaState, StepStatus
 from sagaq.store.db import Database, Lost
 from sagaq.store.dispatch import advance_rollback
 from sagaq.store.faults import Write
 from sagaq.store.lifecycle import NOTIFY_TASK, notify, outbox, transition
 from sagaq.store.models import APPROVALS, NOTIFICATIONS, OUTBOX, RUNS, SAGAS
-from sagaq.store.records import Action, Dispatch, Kind, SagaRecord, Stranded
+from sagaq.store.records import Dispatch, SagaRecord, Stranded
 from sagaq.store.timeline import Timeline
 
 S = SagaState

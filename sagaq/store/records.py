@@ -10,18 +10,6 @@ from typing import Any, Protocol
 from sagaq.machine import Direction, SagaState, StepStatus
 
 
-class Kind(str, Enum):
-    """What a notification is for."""
-
-    PAGE = "page"  # level 4: wake a human
-    NOTIFY = "notify"  # level 3 and the like: tell, do not page
-
-
-class Action(str, Enum):
-    TRIGGER = "trigger"
-    RESOLVE = "resolve"
-
-
 class Gatekeeper(Protocol):
     """What the store asks of the policy gate (:class:`sagaq.gate.Gate` is one): the store
     writes the verdicts, it does not import the gate."""

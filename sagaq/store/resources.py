@@ -7,12 +7,13 @@ from datetime import timedelta
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
+from sagaq.kinds import Action, Kind
 from sagaq.machine import StepStatus
 from sagaq.store.db import Database
 from sagaq.store.faults import Write
 from sagaq.store.lifecycle import notify
 from sagaq.store.models import OUTBOX, RESOURCES, RUNS, SAGAS, UTCDateTime
-from sagaq.store.records import Action, Dispatch, Kind, ResourceRecord
+from sagaq.store.records import Dispatch, ResourceRecord
 from sagaq.store.timeline import Timeline, resource_record, saga_record
 
 RELEASING_LEASE = timedelta(seconds=300)  # a releaser that died is retried after this

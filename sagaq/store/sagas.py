@@ -9,13 +9,14 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from sagaq.errors import UnknownSagaError
+from sagaq.kinds import Action, Kind
 from sagaq.machine import Direction, SagaState
 from sagaq.store.db import Database
 from sagaq.store.dispatch import advance_rollback, schedule
 from sagaq.store.faults import Write
 from sagaq.store.lifecycle import notify, transition
 from sagaq.store.models import EVENTS, RUNS, SAGAS
-from sagaq.store.records import Action, Dispatch, Kind, NewRun, Outcome, SagaRecord
+from sagaq.store.records import Dispatch, NewRun, Outcome, SagaRecord
 from sagaq.store.timeline import Timeline, saga_record, step_run_record
 from sagaq.store.views import get_saga
 
