@@ -32,7 +32,13 @@ def check_database_url(url: str) -> None:
             f"SAGAQ_DATABASE_URL (or --database-url) is not a URL; expected {URL_FORM}"
         ) from None
     backend = parsed.get_backend_name()
-    if backend not in ("postgresql", "postgres", "sqlite"):
+    if backend == "sqlite":
+        raise ConfigurationError(
+            "SAGAQ_DATABASE_URL (or --database-url) is a SQLite URL; sagaq needs PostgreSQL: "
+            f"expected {URL_FORM}. To try sagaq without a server, leave it unset: the sagaq "
+            "command then starts an embedded PostgreSQL (pip install 'sagaq[embedded]')"
+        )
+    if backend not in ("postgresql", "postgres"):
         raise ConfigurationError(
             f"SAGAQ_DATABASE_URL (or --database-url) is a {backend!r} URL; sagaq runs on "
             f"PostgreSQL: expected {URL_FORM}"
