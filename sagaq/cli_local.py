@@ -69,7 +69,8 @@ def demo(env: Env, as_json: bool, reset: bool) -> None:
 
 
 def _where(env: Env, saga_id: str) -> None:
-    """Where the sagas stay, and the exact command that shows one of them again."""
+    """Where the sagas stay, and the exact command that shows one of them again (short
+    lines: the summary above fits the terminal's width, and so do these)."""
     from sagaq import embedded
     from sagaq.store.database import safe_url
 
@@ -79,11 +80,13 @@ def _where(env: Env, saga_id: str) -> None:
     elif env.configured_url():
         prefix, where = "sagaq", "at SAGAQ_DATABASE_URL"
     else:
-        prefix, where = "sagaq", f"in the embedded PostgreSQL ({embedded.data_dir()})"
-    click.echo(f"\nThe sagas stay {where}. Show one again (`{prefix} ls` lists them):")
+        prefix, where = "sagaq", "in the embedded PostgreSQL"
+    click.echo(f"\nThe sagas stay {where}. Show one again with:")
     click.echo(f"  {prefix} show {saga_id}")
+    click.echo(f"(`{prefix} ls` lists them all.)")
     if not env.configured_url():
-        click.echo("`sagaq demo --reset` starts afresh; `sagaq embedded stop` stops the server.")
+        click.echo("`sagaq demo --reset` starts afresh, `sagaq embedded stop` stops the server.")
+        click.echo(f"Its data: {embedded.data_dir()}")
 
 
 @click.group()

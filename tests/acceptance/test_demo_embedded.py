@@ -56,7 +56,8 @@ def test_the_demo_runs_on_the_embedded_postgres_and_its_sagas_outlive_it(
     assert done.returncode == 0, done.stderr
     summary = done.stdout.split("summary")[-1]
     assert summary.count("[ok]") == 8, summary
-    assert f"The sagas stay in the embedded PostgreSQL ({home}/pg)" in summary
+    assert "The sagas stay in the embedded PostgreSQL. Show one again with:" in summary
+    assert f"Its data: {home}/pg" in summary
     shown = re.findall(r"^  sagaq show (\S+)$", summary, re.MULTILINE)
     assert len(shown) == 1, summary
     saga_id = shown[0]
