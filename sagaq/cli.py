@@ -83,6 +83,7 @@ def worker(env: Env, concurrency: int | None, pool: str, loglevel: str, queues: 
     from sagaq.preflight import check_start
 
     check_start(runtime, "worker")
+    env.say_where("worker")
     argv = ["worker", "--loglevel", loglevel, "--pool", pool, "-Q", queues or settings.queue]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
@@ -246,6 +247,7 @@ def beat(env: Env, loglevel: str, celery_args: tuple[str, ...]) -> None:
 
     runtime = env.runtime()
     check_start(runtime, "beat")
+    env.say_where("beat")
     runtime.app.start(["beat", "--loglevel", loglevel, *celery_args])
 
 

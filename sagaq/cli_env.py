@@ -56,6 +56,15 @@ class Env:
             self._embedded = embedded.database_url(reset=reset)
         return self._embedded
 
+    def say_where(self, role: str) -> None:
+        """A long-running process on the embedded server says so: a deploy that forgot
+        SAGAQ_DATABASE_URL (with the extra installed) must not look like production."""
+        if not self.configured_url():
+            from sagaq import embedded
+
+            click.echo(f"sagaq {role}: no SAGAQ_DATABASE_URL: on the embedded PostgreSQL in "
+                       f"{embedded.data_dir()} (for trying sagaq, not for production)", err=True)
+
     def settings(self) -> Settings:
         return Settings.from_env(**{**self.overrides, "database_url": self.database_url()})
 

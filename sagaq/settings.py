@@ -12,6 +12,9 @@ from typing import Any
 from sagaq.errors import ConfigurationError
 from sagaq.ladder import Bounds
 
+# The library's default (Settings(), `celery -A sagaq`). The `sagaq` command instead uses the
+# embedded PostgreSQL (sagaq.embedded) when no URL is set. PostgreSQL only: preflight refuses
+# any other backend, SQLite included.
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/sagaq"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 MAX_APPROVAL_DEADLINE = 366 * 86400.0  # beyond a year a deadline is a typo, and near 10^11 s
