@@ -65,7 +65,8 @@ def _server_uri(database: str) -> str:
         # server; `sagaq embedded stop` does.
         server = wheel.get_server(data, cleanup_mode=None)
         return str(server.get_uri(database))
-    except (subprocess.SubprocessError, OSError, AssertionError) as exc:
+    # ValueError: an empty .handle_pids.json (a known fault of this wheel family, pgserver#16)
+    except (subprocess.SubprocessError, OSError, AssertionError, ValueError) as exc:
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigurationError(
             f"the embedded PostgreSQL in {data} did not start ({why}); its log is "
