@@ -1,78 +1,26 @@
-"""The ``sagaq`` command line."""
+"""The ``sagaq`` command line: the group, its global options, the commands that run and
+repair sagas; the others are registered from ``cli_local`` (demo, db, embedded) and
+``cli_policy`` (approvals, evidence, policy)."""
 
 from __future__ import annotations
 
-import functools
-import getpass
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, TypeVar
+from typing import Any
 
 import click
-from rich.console import Console
 
-from sagaq import commands, render, texts
-from sagaq.errors import ConfigurationError, SagaqError
-from sagaq.settings import Settings
-
-F = TypeVar("F", bound=Callable[..., Any])
-# Piped or redirected, rich would assume 80 columns: the timelines read better at 120.
-console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
-
-
-def friendly(fn: F) -> F:
-    """Turn sagaq's errors into one line on stderr and exit status 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except SagaqError as exc:
-            raise click.ClickException(exc.message) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-class Env:
-    """Settings from the environment, with the global options on top."""
-
-    def __init__(self, overrides: dict[str, Any]) -> None:
-        self.overrides = {k: v for k, v in overrides.items() if v}
-
-    def settings(self) -> Settings:
-        return Settings.from_env(**self.overrides)
-
-    def runtime(self) -> Any:
-        """The runtime, on a database that answers and has sagaq's current schema."""
-        from sagaq.preflight import check_schema
-        from sagaq.runtime import configure
-        from sagaq.store.database import check
-
-        runtime = configure(self.settings())
-        check(runtime.store.engine)
-        check_schema(runtime.store.engine)
-        return runtime
-
-    def store(self) -> Any:
-        from sagaq.preflight import check_schema
-        from sagaq.store import Store
-        from sagaq.store.database import check, create_engine
-
-        engine = create_engine(self.settings().database_url)
-        check(engine)
-        check_schema(engine)
-        return Store(engine)
-
-
-pass_env = click.make_pass_decorator(Env)
+from sagaq import cli_local, cli_policy, commands, render
+from sagaq.cli_env import Env, console, friendly, operator, pass_env
+from sagaq.errors import ConfigurationError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--database-url", metavar="URL", help="Overrides SAGAQ_DATABASE_URL.")
+@click.option("--database-url", metavar="URL",
+              help="Overrides SAGAQ_DATABASE_URL. Neither set: the embedded PostgreSQL.")
 @click.option("--broker-url", metavar="URL", help="Overrides SAGAQ_BROKER_URL.")
 @click.option(
     "-I", "--import", "imports", multiple=True, metavar="MODULE",
@@ -86,7 +34,12 @@ def main(ctx: click.Context, database_url: str | None, broker_url: str | None,
 
     Settings come from SAGAQ_* environment variables (SAGAQ_DATABASE_URL,
     SAGAQ_BROKER_URL, SAGAQ_IMPORTS, ...); the options below override them.
-    Start with `sagaq demo`, which needs no server at all.
+    Start with `sagaq demo`, which needs no server to install.
+
+    With no SAGAQ_DATABASE_URL (or --database-url) the commands use an embedded
+    PostgreSQL in $SAGAQ_HOME/pg (default ~/.local/share/sagaq/pg), started on first use
+    and left running (`sagaq embedded stop`); it needs pip install 'sagaq[embedded]'. It is
+    for trying sagaq and local development, not for production.
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # As `celery` and `python -m` do: the user's own modules (SAGAQ_IMPORTS=myapp.sagas) are
@@ -94,48 +47,6 @@ def main(ctx: click.Context, database_url: str | None, broker_url: str | None,
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     ctx.obj = Env({"database_url": database_url, "broker_url": broker_url, "imports": imports})
-
-
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per saga.")
-@friendly
-def demo(as_json: bool) -> None:
-    """Run the eight example sagas on SQLite and an in-process broker: no server needed.
-
-    \b
-    provision_agent  completes
-    order_flow       a flaky invoice API: retried (rung 0), completes
-    ticket_triage    re-prompted (rung 1), then the large model tier (rung 2)
-    provision_agent  fails at its last step: the three before it undone, last first
-    subscription     after the pivot a step keeps failing: a page, nothing undone
-    offboard_agent   the policy asks a human, who approves: completes
-    offboard_agent   the human denies: the steps before it are undone
-    provision_agent  the undo of one step keeps failing: a page (needs_human)
-
-    Exits 1 if any saga ends in a state other than the one expected.
-    """
-    from rich.markup import escape
-
-    from sagaq import demo as demo_module
-
-    results = demo_module.run()
-    unexpected = [sc for sc, st in results if st.saga.state is not sc.expect]
-    if as_json:
-        click.echo(json.dumps([st.summary() for _, st in results], indent=2))
-    else:
-        for scenario, st in results:
-            console.rule(f"[bold]{escape(scenario.title)}")
-            console.print(render.story(st, console.width))
-        console.rule("[bold]summary")
-        for scenario, st in results:
-            mark = "ok" if st.saga.state is scenario.expect else "UNEXPECTED"
-            console.print(escape(f"{st.saga.state.value:<12} {scenario.title}  [{mark}]"),
-                          highlight=False)
-    if unexpected:
-        raise click.ClickException(
-            f"{len(unexpected)} saga(s) did not end as expected: "
-            + "; ".join(sc.title for sc in unexpected)
-        )
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -172,38 +83,11 @@ def worker(env: Env, concurrency: int | None, pool: str, loglevel: str, queues: 
     from sagaq.preflight import check_start
 
     check_start(runtime, "worker")
+    env.say_where("worker")
     argv = ["worker", "--loglevel", loglevel, "--pool", pool, "-Q", queues or settings.queue]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
     runtime.app.worker_main([*argv, *celery_args])
-
-
-@main.group()
-def db() -> None:
-    """The database schema (Alembic migrations shipped with sagaq)."""
-
-
-@db.command("upgrade")
-@click.argument("revision", default="head")
-@pass_env
-@friendly
-def db_upgrade(env: Env, revision: str) -> None:
-    """Create or upgrade sagaq's tables to REVISION (default: head)."""
-    from sagaq.store.database import safe_url, upgrade
-
-    url = env.settings().database_url
-    upgrade(url, revision)
-    click.echo(f"{safe_url(url)}: upgraded to {revision}")
-
-
-@db.command("current")
-@pass_env
-@friendly
-def db_current(env: Env) -> None:
-    """Print the schema revision the database is at."""
-    from sagaq.store.database import current_revision
-
-    click.echo(current_revision(env.store().engine) or "none (run `sagaq db upgrade`)")
 
 
 @main.command("ls")
@@ -275,13 +159,9 @@ def read_input(arg: str | None) -> str | None:
     return arg
 
 
-def _operator() -> str:
-    return os.environ.get("SAGAQ_OPERATOR") or getpass.getuser()
-
-
 @main.command()
 @click.argument("saga_id")
-@click.option("--by", default=_operator, show_default="$SAGAQ_OPERATOR or your login",
+@click.option("--by", default=operator, show_default="$SAGAQ_OPERATOR or your login",
               help="Who is acting (recorded on the timeline).")
 @click.option("--note", help="Why, for the timeline.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"id": ..., "state": ...}.')
@@ -306,7 +186,7 @@ def _outcome(env: Env, ref: str, outcome: Any, as_json: bool) -> None:
 @main.command()
 @click.argument("saga_id")
 @click.option("--note", required=True, help="What you did to put things right.")
-@click.option("--by", default=_operator, show_default="$SAGAQ_OPERATOR or your login",
+@click.option("--by", default=operator, show_default="$SAGAQ_OPERATOR or your login",
               help="Who is acting (recorded on the timeline).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"id": ..., "state": ...}.')
 @pass_env
@@ -367,111 +247,8 @@ def beat(env: Env, loglevel: str, celery_args: tuple[str, ...]) -> None:
 
     runtime = env.runtime()
     check_start(runtime, "beat")
+    env.say_where("beat")
     runtime.app.start(["beat", "--loglevel", loglevel, *celery_args])
-
-
-@main.command("approvals")
-@click.option("--all", "everything", is_flag=True, help="Decided requests too.")
-@click.option("--json", "as_json", is_flag=True)
-@pass_env
-@friendly
-def approvals_cmd(env: Env, everything: bool, as_json: bool) -> None:
-    """List approval requests (pending ones, unless --all)."""
-    found = commands.approvals(env.store(), status=None if everything else "pending")
-    if as_json:
-        click.echo(json.dumps([commands.plain(asdict(a)) for a in found], indent=2))
-    else:
-        console.print(render.approvals_table(found))
-
-
-@main.command()
-@click.argument("approval_id")
-@click.option("--by", default=_operator, show_default="$SAGAQ_OPERATOR or your login",
-              help="Who approves (recorded with the policy version).")
-@click.option("--note", help="Why.")
-@click.option("--json", "as_json", is_flag=True, help="Print the decided request as JSON.")
-@pass_env
-@friendly
-def approve(env: Env, approval_id: str, by: str, note: str | None, as_json: bool) -> None:
-    """Approve a pending request: the step is dispatched (gated again by the policy)."""
-    decided = commands.decide(env.runtime(), approval_id, approve=True, by=by, note=note)
-    _decided(decided, as_json)
-
-
-@main.command()
-@click.argument("approval_id")
-@click.option("--by", default=_operator, show_default="$SAGAQ_OPERATOR or your login",
-              help="Who denies (recorded with the policy version).")
-@click.option("--note", help="Why.")
-@click.option("--json", "as_json", is_flag=True, help="Print the decided request as JSON.")
-@pass_env
-@friendly
-def deny(env: Env, approval_id: str, by: str, note: str | None, as_json: bool) -> None:
-    """Deny a pending request: a forward step is a terminal failure (the saga rolls back
-    before the pivot); a compensation is recorded as skipped and pages a human."""
-    decided = commands.decide(env.runtime(), approval_id, approve=False, by=by, note=note)
-    _decided(decided, as_json)
-
-
-def _decided(decided: Any, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(commands.plain(asdict(decided)), indent=2))
-    else:
-        click.echo(f"{decided.id}: {decided.status} by {decided.decided_by}")
-
-
-@main.command()
-@click.argument("saga_id")
-@click.option("--json", "as_json", is_flag=True, help="The record as JSON, for scripts.")
-@pass_env
-@friendly
-def evidence(env: Env, saga_id: str, as_json: bool) -> None:
-    """The rollback evidence record of a saga: matched policy ids, approvals, whether it
-    rolled back, and the compensations dispatched, skipped and failed."""
-    record = commands.evidence(env.store(), saga_id)
-    if as_json:
-        click.echo(json.dumps(record, indent=2))
-    else:
-        click.echo(texts.evidence(record))
-
-
-@main.group()
-def policy() -> None:
-    """The policy gate (SAGAQ_POLICY_FILE, SAGAQ_ENV)."""
-
-
-@policy.command("check")
-@click.argument("file", type=click.Path(dir_okay=False))
-@friendly
-def policy_check(file: str) -> None:
-    """Validate a policy file; errors name the file, the rule and the field."""
-    from sagaq import policy as policy_module
-
-    loaded = policy_module.load(file)
-    decisions = ", ".join(f"{r.id}: {r.decision.value}" for r in loaded.rules) or "no rules"
-    click.echo(f"{file}: ok, policy {loaded.label}, {len(loaded.rules)} rule(s) ({decisions})")
-    for warning in loaded.warnings():
-        click.echo(f"warning: {warning}", err=True)
-    click.echo(f"note: {policy_module.DIRECTION_NOTE}; `*` crosses dots: infra.db* also "
-               "matches infra.dbadmin")
-
-
-@policy.command("explain")
-@click.argument("saga")
-@click.argument("step")
-@click.option("--env", "environment", help="The env fact (default: SAGAQ_ENV).")
-@click.option("--direction", default="forward", show_default=True,
-              type=click.Choice(["forward", "compensate"]))
-@click.option("--approved", is_flag=True, help="As if an approval were present.")
-@click.option("--json", "as_json", is_flag=True, help="The explanation as JSON, for scripts.")
-@pass_env
-@friendly
-def policy_explain(env: Env, saga: str, step: str, environment: str | None, direction: str,
-                   approved: bool, as_json: bool) -> None:
-    """Which rule matches a dispatch of SAGA's STEP, and why."""
-    out = commands.explain(env.runtime(), saga, step, env=environment, direction=direction,
-                           approval_present=approved)
-    click.echo(json.dumps(out, indent=2) if as_json else texts.explanation(out))
 
 
 @main.command()
@@ -492,3 +269,7 @@ def diagram() -> None:
     from sagaq.machine import mermaid
 
     click.echo(mermaid(), nl=False)
+
+
+for _command in (*cli_local.COMMANDS, *cli_policy.COMMANDS):
+    main.add_command(_command)

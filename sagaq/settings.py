@@ -12,6 +12,9 @@ from typing import Any
 from sagaq.errors import ConfigurationError
 from sagaq.ladder import Bounds
 
+# The library's default (Settings(), `celery -A sagaq`). The `sagaq` command instead uses the
+# embedded PostgreSQL (sagaq.embedded) when no URL is set. PostgreSQL only: preflight refuses
+# any other backend, SQLite included.
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/sagaq"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 MAX_APPROVAL_DEADLINE = 366 * 86400.0  # beyond a year a deadline is a typo, and near 10^11 s
@@ -170,7 +173,13 @@ def check_database_url(url: str) -> None:
             f"SAGAQ_DATABASE_URL (or --database-url) is not a URL; expected {URL_FORM}"
         ) from None
     backend = parsed.get_backend_name()
-    if backend not in ("postgresql", "postgres", "sqlite"):
+    if backend == "sqlite":
+        raise ConfigurationError(
+            "SAGAQ_DATABASE_URL (or --database-url) is a SQLite URL; sagaq needs PostgreSQL: "
+            f"expected {URL_FORM}. To try sagaq without a server, leave it unset: the sagaq "
+            "command then starts an embedded PostgreSQL (pip install 'sagaq[embedded]')"
+        )
+    if backend not in ("postgresql", "postgres"):
         raise ConfigurationError(
             f"SAGAQ_DATABASE_URL (or --database-url) is a {backend!r} URL; sagaq runs on "
             f"PostgreSQL: expected {URL_FORM}"

@@ -27,6 +27,12 @@ TEST_SECRET_KEY = "q6nEJ8tZ0h3hV2b8QyX1c0m9d3s7a2k5f8g1j4l6p0w="  # tests only: 
 SETTLED = (SagaState.COMPLETED, SagaState.COMPENSATED, SagaState.NEEDS_HUMAN, SagaState.RESOLVED)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_sagaq_home() -> Iterator[None]:
+    with services.private_sagaq_home():
+        yield
+
+
 @pytest.fixture(scope="session")
 def pg_admin_url() -> Iterator[str]:
     url, cleanup = services.postgres_admin_url()

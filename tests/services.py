@@ -18,7 +18,7 @@ import socket
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -193,6 +193,33 @@ def redis_url() -> tuple[str, Callable[[], None]]:
         f"redis://127.0.0.1:{port}/0",
         lambda: (executor.stop(), shutil.rmtree(tmp, True)),
     )
+
+
+@contextlib.contextmanager
+def private_sagaq_home() -> Iterator[Path]:
+    """SAGAQ_HOME for the whole run, in the system temporary directory.
+
+    A `sagaq` command that a test starts with no database URL uses the embedded PostgreSQL
+    of SAGAQ_HOME (`sagaq demo`, for one): here, never the user's own data directory. The
+    server is stopped and the directory removed at the end. Not under pytest's basetemp: as
+    root the wheel opens every parent of its data directory to other users.
+    """
+    before = os.environ.get("SAGAQ_HOME")
+    home = Path(tempfile.mkdtemp(prefix="sagaq-home-"))
+    os.environ["SAGAQ_HOME"] = str(home)
+    try:
+        yield home
+    finally:
+        from sagaq import embedded
+
+        try:
+            embedded.stop()
+        finally:
+            if before is None:
+                os.environ.pop("SAGAQ_HOME", None)
+            else:
+                os.environ["SAGAQ_HOME"] = before
+            shutil.rmtree(home, True)
 
 
 AMQP_URL = os.environ.get("SAGAQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")

@@ -19,12 +19,12 @@ from sagaq.machine import ACTIVE_STEP, FINISHED
 _active_steps = "status IN ({})".format(", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STEP)))
 _active_sagas = "state NOT IN ({})".format(", ".join(f"'{s.value}'" for s in sorted(FINISHED)))
 
-BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+BigId = sa.BigInteger()
 Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
-    """Timezone-aware UTC datetimes on every backend (SQLite keeps no zone)."""
+    """Timezone-aware UTC datetimes: a naive one is refused, not guessed."""
 
     impl = sa.DateTime(timezone=True)
     cache_ok = True
@@ -34,8 +34,7 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime given to the store; use datetime.now(UTC)")
-        value = value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+        return value.astimezone(UTC)
 
     def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
         if value is None:
@@ -78,7 +77,6 @@ class SagaModel(Base):
             "ix_sagaq_sagas_wake_at",
             "wake_at",
             postgresql_where=sa.text("state = 'waiting'"),
-            sqlite_where=sa.text("state = 'waiting'"),
         ),
         sa.Index("ix_sagaq_sagas_created_at", "created_at"),
         # Serves "active sagas" (ls --state running, the reconciler) without finished rows.
@@ -87,7 +85,6 @@ class SagaModel(Base):
             "state",
             "updated_at",
             postgresql_where=sa.text(_active_sagas),
-            sqlite_where=sa.text(_active_sagas),
         ),
     )
 
@@ -133,21 +130,18 @@ class StepRunModel(Base):
             "saga_id",
             unique=True,
             postgresql_where=sa.text(_active_steps),
-            sqlite_where=sa.text(_active_steps),
         ),
         sa.Index(
             "ix_sagaq_step_runs_active",
             "status",
             "lease_expires_at",
             postgresql_where=sa.text(_active_steps),
-            sqlite_where=sa.text(_active_steps),
         ),
         # Runs whose unknown outcome is being resolved: the lease sweep reads them too.
         sa.Index(
             "ix_sagaq_step_runs_unresolved",
             "lease_expires_at",
             postgresql_where=sa.text("status = 'unknown' AND finished_at IS NULL"),
-            sqlite_where=sa.text("status = 'unknown' AND finished_at IS NULL"),
         ),
     )
 
@@ -256,7 +250,6 @@ class ResourceModel(Base):
             "ix_sagaq_resources_orphaned",
             "updated_at",
             postgresql_where=sa.text("status = 'orphaned'"),
-            sqlite_where=sa.text("status = 'orphaned'"),
         ),
     )
 
@@ -294,7 +287,6 @@ class ApprovalModel(Base):
             "ix_sagaq_approvals_pending",
             "deadline",
             postgresql_where=sa.text("status = 'pending'"),
-            sqlite_where=sa.text("status = 'pending'"),
         ),
     )
 

@@ -36,6 +36,9 @@ def private_tmp() -> Iterator[Path]:
 
 
 def run_part(tmp: Path, *, hide: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    # XDG_DATA_HOME in tmp as well: the run must use neither the user's data directory (the
+    # embedded default of the `sagaq` command) nor leave its own private SAGAQ_HOME behind.
+    env = {k: v for k, v in os.environ.items() if k != "SAGAQ_HOME"}
     # Hiding a wheel: a None in sys.modules makes its import raise ImportError.
     code = (
         "import sys\n"
@@ -49,7 +52,7 @@ def run_part(tmp: Path, *, hide: tuple[str, ...] = ()) -> subprocess.CompletedPr
         text=True,
         timeout=240,
         cwd=ROOT,
-        env={**os.environ, **CLOSED, "TMPDIR": str(tmp)},
+        env={**env, **CLOSED, "TMPDIR": str(tmp), "XDG_DATA_HOME": str(tmp / "xdg")},
     )
 
 
@@ -79,6 +82,7 @@ def test_no_servers_listening_falls_back_to_the_embedded_ones_and_passes(
     # Both servers stopped and their temporary directories gone.
     assert servers_under(private_tmp) == []
     assert sorted(p.name for p in private_tmp.iterdir() if p.name.startswith("sagaq-")) == []
+    assert not (private_tmp / "xdg").exists()  # the user's data directory: untouched
 
 
 def test_no_servers_and_no_wheels_stops_at_once_with_one_line(private_tmp: Path) -> None:

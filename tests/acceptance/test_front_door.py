@@ -173,8 +173,9 @@ def test_a_worker_refuses_an_outdated_schema(settings, pg_admin_url) -> None:
 @pytest.mark.parametrize(
     ("url", "said"),
     [("not a url", "is not a URL"),
-     ("mysql://ops:hunter2@db.example/app", "is a 'mysql' URL; sagaq runs on PostgreSQL")],
-    ids=["not-a-url", "mysql"],
+     ("mysql://ops:hunter2@db.example/app", "is a 'mysql' URL; sagaq runs on PostgreSQL"),
+     ("sqlite:///sagaq.db", "is a SQLite URL; sagaq needs PostgreSQL")],
+    ids=["not-a-url", "mysql", "sqlite"],
 )
 @pytest.mark.parametrize("args", [("ls",), ("enqueue", "order_flow", "{}"), ("db", "upgrade")],
                          ids=lambda a: a[0])

@@ -1,6 +1,6 @@
-"""The Alembic migrations build exactly the schema the models describe, on SQLite and Postgres.
+"""The Alembic migrations build exactly the schema the models describe, on PostgreSQL.
 
-Two independent checks per backend:
+Two independent checks:
 
 * alembic's own ``compare_metadata`` between the migrated database and
   ``sagaq.store.models.metadata`` (tables, columns, types, nullability, indexes, constraints);
@@ -20,7 +20,6 @@ import os
 import secrets
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -455,57 +454,6 @@ def check_kept_at_head(engine: sa.Engine, saga_id: str) -> None:
     assert tuple(row) == (0, None, None)  # 0003's columns on an existing row
 
 
-# -- SQLite ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'sagaq.db'}"
-
-
-@pytest.fixture
-def sqlite_engine(sqlite_url: str) -> Iterator[sa.Engine]:
-    upgrade(sqlite_url)
-    engine = create_engine(sqlite_url)
-    yield engine
-    engine.dispose()
-
-
-def sqlite_catalog(engine: sa.Engine) -> dict[str, tuple[str, str]]:
-    marks = ", ".join("?" for _ in TABLES)
-    with engine.connect() as conn:
-        rows = conn.exec_driver_sql(
-            f"SELECT name, type, sql FROM sqlite_master WHERE tbl_name IN ({marks})"
-            " AND sql IS NOT NULL",
-            tuple(sorted(TABLES)),
-        ).all()
-    return {name: (kind, sql) for name, kind, sql in rows}
-
-
-def table_items(sql: str) -> frozenset[str]:
-    """The column definitions and constraints of a CREATE TABLE, in any order.
-
-    ``ALTER TABLE ... ADD COLUMN`` (how SQLite migrations add a column) appends it to the
-    stored SQL on the last line, so the text differs from ``create_all`` but not the items.
-    """
-    body = sql[sql.index("(") + 1 : sql.rindex(")")]
-    items, depth, start = [], 0, 0
-    for i, ch in enumerate(body):
-        depth += {"(": 1, ")": -1}.get(ch, 0)
-        if ch == "," and depth == 0:
-            items.append(body[start:i])
-            start = i + 1
-    items.append(body[start:])
-    return frozenset(" ".join(item.split()) for item in items)
-
-
-def comparable(catalog: dict[str, tuple[str, str]]) -> dict[str, tuple[str, object]]:
-    return {
-        name: (kind, table_items(sql) if kind == "table" else sql)
-        for name, (kind, sql) in catalog.items()
-    }
-
-
 def columns_in_order(engine: sa.Engine) -> dict[str, list[str]]:
     inspector = sa.inspect(engine)
     return {t: [c["name"] for c in inspector.get_columns(t)] for t in sorted(TABLES)}
@@ -516,203 +464,6 @@ def test_pinned_columns_are_the_models_columns() -> None:
         t: set(metadata.tables[t].c.keys()) for t in TABLES
     }
     assert set(metadata.tables) == TABLES
-
-
-def test_sqlite_upgrade_reaches_head(sqlite_url: str, sqlite_engine: sa.Engine) -> None:
-    assert revision_in_db(sqlite_engine) == head(sqlite_url) == LATEST
-    assert sagaq_tables(sqlite_engine) == TABLES | {VERSION_TABLE}
-
-
-def test_sqlite_schema_matches_models(sqlite_engine: sa.Engine) -> None:
-    assert diffs(sqlite_engine) == []
-
-
-def test_sqlite_catalog_equals_create_all(sqlite_engine: sa.Engine, tmp_path: Path) -> None:
-    reference = create_engine(f"sqlite:///{tmp_path / 'reference.db'}")
-    metadata.create_all(reference)
-    try:
-        expected = sqlite_catalog(reference)
-    finally:
-        reference.dispose()
-    assert set(expected) == TABLES | INDEXES  # every table and named index
-    assert len(expected) == 8 + 13  # 8 tables, 13 named indexes
-    migrated = sqlite_catalog(sqlite_engine)
-    assert comparable(migrated) == comparable(expected)
-    assert columns_in_order(sqlite_engine) == COLUMNS
-    assert migrated[ORPHANED] == (  # 0003's partial index (0002's are checked below)
-        "index",
-        "CREATE INDEX ix_sagaq_resources_orphaned ON sagaq_resources (updated_at) "
-        "WHERE status = 'orphaned'",
-    )
-
-
-@pytest.fixture
-def sqlite_0002(tmp_path: Path) -> Iterator[sa.Engine]:
-    """A database at exactly revision 0002: what it adds, whatever later ones change."""
-    url = f"sqlite:///{tmp_path / 'sagaq-0002.db'}"
-    upgrade(url, "0002")
-    engine = create_engine(url)
-    assert revision_in_db(engine) == "0002"
-    yield engine
-    engine.dispose()
-
-
-def test_sqlite_0002_objects(sqlite_0002: sa.Engine) -> None:
-    """What 0002 adds, spelled out: the partial wake_at index, the unique constraints."""
-    catalog = sqlite_catalog(sqlite_0002)
-    assert set(catalog) == {
-        *TABLES_0001, "sagaq_notifications", *INDEXES_0001, WAKE_AT, NOTIFICATIONS_INDEX,
-    }  # fmt: skip
-    assert catalog[WAKE_AT] == (
-        "index",
-        "CREATE INDEX ix_sagaq_sagas_wake_at ON sagaq_sagas (wake_at) WHERE state = 'waiting'",
-    )
-    assert catalog["ix_sagaq_notifications_saga_id"] == (
-        "index",
-        "CREATE INDEX ix_sagaq_notifications_saga_id ON sagaq_notifications (saga_id, id)",
-    )
-    notifications = table_items(catalog["sagaq_notifications"][1])
-    assert "CONSTRAINT pk_sagaq_notifications PRIMARY KEY (id)" in notifications
-    assert (
-        "CONSTRAINT uq_sagaq_notifications_once "
-        "UNIQUE (saga_id, incident, channel, kind, action)" in notifications
-    )
-    assert (
-        "CONSTRAINT fk_sagaq_notifications_saga_id_sagaq_sagas FOREIGN KEY(saga_id) "
-        "REFERENCES sagaq_sagas (id) ON DELETE CASCADE" in notifications
-    )
-    outbox = table_items(catalog["sagaq_outbox"][1])
-    assert "CONSTRAINT uq_sagaq_outbox_notification_id UNIQUE (notification_id)" in outbox
-    assert "CONSTRAINT uq_sagaq_outbox_step_run_id UNIQUE (step_run_id)" in outbox
-    assert "notification_id INTEGER" in outbox
-    sagas = table_items(catalog["sagaq_sagas"][1])
-    assert {"incident INTEGER DEFAULT '0' NOT NULL", "wake_at DATETIME"} <= sagas
-    runs = table_items(catalog["sagaq_step_runs"][1])
-    assert {"level INTEGER DEFAULT '0' NOT NULL", "tier VARCHAR(100)", "failure VARCHAR(32)"} <= (
-        runs
-    )
-
-
-def test_sqlite_0002_notifications_are_once_per_incident(sqlite_0002: sa.Engine) -> None:
-    check_notification_constraints(sqlite_0002, "saga-n")
-
-
-def copy_of_metadata() -> sa.MetaData:
-    copy = sa.MetaData(naming_convention=metadata.naming_convention)
-    for table in metadata.sorted_tables:
-        table.to_metadata(copy)
-    return copy
-
-
-def test_compare_notices_drift(sqlite_engine: sa.Engine) -> None:
-    """The comparison above is live: index drift either way is reported."""
-    assert diffs(sqlite_engine, copy_of_metadata()) == []
-    drifted = copy_of_metadata()
-    sa.Index("ix_sagaq_events_kind", drifted.tables["sagaq_events"].c.kind)
-    found = diffs(sqlite_engine, drifted)
-    assert [(d[0], d[1].name) for d in found] == [("add_index", "ix_sagaq_events_kind")]
-
-    fewer = copy_of_metadata()
-    events = fewer.tables["sagaq_events"]
-    events.indexes.discard(next(i for i in events.indexes if i.name == "ix_sagaq_events_saga_id"))
-    found = diffs(sqlite_engine, fewer)
-    assert [(d[0], d[1].name) for d in found] == [("remove_index", "ix_sagaq_events_saga_id")]
-
-
-def test_catalog_comparison_notices_a_changed_predicate(
-    sqlite_engine: sa.Engine, tmp_path: Path
-) -> None:
-    """A partial index whose WHERE differs between models and migration is caught."""
-    drifted = copy_of_metadata()
-    index = next(i for i in drifted.tables["sagaq_step_runs"].indexes if i.name == ONE_ACTIVE)
-    index.dialect_options["sqlite"]["where"] = sa.text("status = 'running'")
-    reference = create_engine(f"sqlite:///{tmp_path / 'drifted.db'}")
-    drifted.create_all(reference)
-    try:
-        catalog = sqlite_catalog(reference)
-    finally:
-        reference.dispose()
-    migrated = sqlite_catalog(sqlite_engine)
-    # (to_metadata() reorders table constraints, so only the indexes are compared here)
-    changed = {k for k, (kind, sql) in catalog.items() if kind == "index" and sql != migrated[k][1]}
-    assert changed == {ONE_ACTIVE}
-
-
-def test_sqlite_one_active_index_has_its_where_clause(sqlite_engine: sa.Engine) -> None:
-    with sqlite_engine.connect() as conn:
-        sql = conn.exec_driver_sql(
-            "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?", (ONE_ACTIVE,)
-        ).scalar_one()
-    assert sql == (
-        "CREATE UNIQUE INDEX uq_sagaq_step_runs_one_active ON sagaq_step_runs (saga_id) "
-        "WHERE status IN ('running', 'scheduled')"
-    )
-
-
-def test_sqlite_one_active_step_per_saga(sqlite_engine: sa.Engine) -> None:
-    check_one_active_step_per_saga(sqlite_engine, "saga-1")
-
-
-def test_sqlite_downgrade_to_base_drops_every_table(
-    sqlite_url: str, sqlite_engine: sa.Engine
-) -> None:
-    command.downgrade(alembic_config(sqlite_url), "base")
-    assert sagaq_tables(sqlite_engine) == {VERSION_TABLE}  # alembic keeps its own, empty
-    assert revision_in_db(sqlite_engine) is None
-    with sqlite_engine.connect() as conn:
-        leftovers = (
-            conn.exec_driver_sql(
-                "SELECT name FROM sqlite_master WHERE name LIKE 'ix\\_%' ESCAPE '\\' "
-                "OR name LIKE 'uq\\_%' ESCAPE '\\'"
-            )
-            .scalars()
-            .all()
-        )
-    assert leftovers == []
-
-    upgrade(sqlite_url)  # and back up: the round trip is clean
-    assert revision_in_db(sqlite_engine) == LATEST
-    assert diffs(sqlite_engine) == []
-
-
-def test_sqlite_upgrade_from_0001_keeps_the_rows(sqlite_url: str) -> None:
-    upgrade(sqlite_url, "0001")
-    engine = create_engine(sqlite_url)
-    try:
-        assert revision_in_db(engine) == "0001"
-        fill_0001(engine, "old-saga")
-        upgrade(sqlite_url, "0002")
-        assert revision_in_db(engine) == "0002"
-        check_kept_through_0002(engine, "old-saga")
-        upgrade(sqlite_url)  # and on to head
-        check_kept_at_head(engine, "old-saga")
-        with engine.connect() as conn:  # the batch copies of sagaq_outbox kept its foreign key
-            assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
-    finally:
-        engine.dispose()
-
-
-def test_table_comparison_notices_a_changed_column_or_constraint(
-    sqlite_engine: sa.Engine, tmp_path: Path
-) -> None:
-    """The order-free comparison of tables still sees a changed type or a lost constraint."""
-    drifted = copy_of_metadata()
-    tier = drifted.tables["sagaq_step_runs"].c.tier
-    tier.type = sa.String(50)
-    notifications = drifted.tables["sagaq_notifications"]
-    once = next(c for c in notifications.constraints if c.name == "uq_sagaq_notifications_once")
-    notifications.constraints.discard(once)
-    reference = create_engine(f"sqlite:///{tmp_path / 'drifted.db'}")
-    drifted.create_all(reference)
-    try:
-        catalog = comparable(sqlite_catalog(reference))
-    finally:
-        reference.dispose()
-    migrated = comparable(sqlite_catalog(sqlite_engine))
-    assert {k for k in catalog if catalog[k] != migrated[k]} == {
-        "sagaq_step_runs",
-        "sagaq_notifications",
-    }
 
 
 # -- PostgreSQL --------------------------------------------------------------------------
@@ -766,17 +517,24 @@ def test_postgres_schema_matches_models(pg_engine: sa.Engine) -> None:
     assert diffs(pg_engine) == []
 
 
-def test_postgres_catalog_equals_create_all(pg_engine: sa.Engine) -> None:
-    with pg_engine.begin() as conn:
+def catalog_of(engine: sa.Engine, models: sa.MetaData) -> dict[str, dict[str, str]]:
+    """The catalog of ``models.create_all`` in a scratch schema of the same database."""
+    with engine.begin() as conn:
         conn.exec_driver_sql("DROP SCHEMA IF EXISTS from_models CASCADE")
         conn.exec_driver_sql("CREATE SCHEMA from_models")
-        metadata.create_all(conn.execution_options(schema_translate_map={None: "from_models"}))
+        models.create_all(conn.execution_options(schema_translate_map={None: "from_models"}))
     try:
-        with pg_engine.connect() as conn:
-            migrated, expected = pg_catalog(conn, "public"), pg_catalog(conn, "from_models")
+        with engine.connect() as conn:
+            return pg_catalog(conn, "from_models")
     finally:
-        with pg_engine.begin() as conn:
+        with engine.begin() as conn:
             conn.exec_driver_sql("DROP SCHEMA from_models CASCADE")
+
+
+def test_postgres_catalog_equals_create_all(pg_engine: sa.Engine) -> None:
+    expected = catalog_of(pg_engine, metadata)
+    with pg_engine.connect() as conn:
+        migrated = pg_catalog(conn, "public")
     assert set(expected["indexes"]) == PG_INDEXES
     assert len(expected["indexes"]) == 27  # 8 primary keys, 6 unique constraints, 13 indexes
     assert set(expected["constraints"]) == PG_CONSTRAINTS
@@ -929,3 +687,55 @@ def test_postgres_downgrade_and_upgrade_round_trip(pg_url: str, pg_engine: sa.En
     upgrade(pg_url)
     assert revision_in_db(pg_engine) == LATEST
     assert diffs(pg_engine) == []
+
+
+def copy_of_metadata() -> sa.MetaData:
+    copy = sa.MetaData(naming_convention=metadata.naming_convention)
+    for table in metadata.sorted_tables:
+        table.to_metadata(copy)
+    return copy
+
+
+def test_compare_notices_drift(pg_engine: sa.Engine) -> None:
+    """The comparison above is live: index drift either way is reported."""
+    assert diffs(pg_engine, copy_of_metadata()) == []
+    drifted = copy_of_metadata()
+    sa.Index("ix_sagaq_events_kind", drifted.tables["sagaq_events"].c.kind)
+    found = diffs(pg_engine, drifted)
+    assert [(d[0], d[1].name) for d in found] == [("add_index", "ix_sagaq_events_kind")]
+
+    fewer = copy_of_metadata()
+    events = fewer.tables["sagaq_events"]
+    events.indexes.discard(next(i for i in events.indexes if i.name == "ix_sagaq_events_saga_id"))
+    found = diffs(pg_engine, fewer)
+    assert [(d[0], d[1].name) for d in found] == [("remove_index", "ix_sagaq_events_saga_id")]
+
+
+def test_catalog_comparison_notices_a_changed_predicate(pg_engine: sa.Engine) -> None:
+    """A partial index whose WHERE differs between models and migration is caught."""
+    drifted = copy_of_metadata()
+    index = next(i for i in drifted.tables["sagaq_step_runs"].indexes if i.name == ONE_ACTIVE)
+    index.dialect_options["postgresql"]["where"] = sa.text("status = 'running'")
+    catalog = catalog_of(pg_engine, drifted)["indexes"]
+    with pg_engine.connect() as conn:
+        migrated = pg_catalog(conn, "public")["indexes"]
+    assert {k for k in catalog if catalog[k] != migrated[k]} == {ONE_ACTIVE}
+
+
+def test_catalog_comparison_notices_a_changed_column_or_constraint(pg_engine: sa.Engine) -> None:
+    """The catalog comparison still sees a changed type or a lost constraint."""
+    drifted = copy_of_metadata()
+    drifted.tables["sagaq_step_runs"].c.tier.type = sa.String(50)
+    notifications = drifted.tables["sagaq_notifications"]
+    once = next(c for c in notifications.constraints if c.name == "uq_sagaq_notifications_once")
+    notifications.constraints.discard(once)
+    catalog = catalog_of(pg_engine, drifted)
+    with pg_engine.connect() as conn:
+        migrated = pg_catalog(conn, "public")
+    columns = catalog["columns"]
+    assert {k for k in columns if columns[k] != migrated["columns"][k]} == {
+        "sagaq_step_runs.tier"
+    }
+    assert set(migrated["constraints"]) - set(catalog["constraints"]) == {
+        "uq_sagaq_notifications_once"
+    }

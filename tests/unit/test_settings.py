@@ -39,7 +39,8 @@ def test_defaults_from_an_empty_environment() -> None:
         ("SAGAQ_IMPORTS", " a ,, b.c , ", "imports", ("a", "b.c")),
         ("SAGAQ_QUEUE", "sagas-eu", "queue", "sagas-eu"),
         ("SAGAQ_REDIS_PREFIX", "team-a:", "redis_prefix", "team-a:"),
-        ("SAGAQ_DATABASE_URL", "sqlite:///x.db", "database_url", "sqlite:///x.db"),
+        ("SAGAQ_DATABASE_URL", "postgresql+psycopg://u@h/x", "database_url",
+         "postgresql+psycopg://u@h/x"),
         ("SAGAQ_BROKER_URL", "redis://r:6379/3", "broker_url", "redis://r:6379/3"),
     ],
 )
@@ -157,9 +158,9 @@ def test_other_rules(changes: dict[str, Any], message: str) -> None:
         ("postgres://u@h/db", "postgresql+psycopg://u@h/db"),
         ("postgresql+psycopg://u@h/db", "postgresql+psycopg://u@h/db"),
         ("postgresql+psycopg2://u@h/db", "postgresql+psycopg2://u@h/db"),
-        ("sqlite:///sagaq.db", "sqlite:///sagaq.db"),
-        ("sqlite:////tmp/a/b.db", "sqlite:////tmp/a/b.db"),
-        ("sqlite://", "sqlite://"),
+        # the embedded server's form: a Unix socket, no host or port
+        ("postgresql://postgres:@/sagaq?host=/tmp/pg",
+         "postgresql+psycopg://postgres:@/sagaq?host=/tmp/pg"),
     ],
 )
 def test_normalize_database_url(url: str, expected: str) -> None:
@@ -172,7 +173,8 @@ def test_normalize_database_url(url: str, expected: str) -> None:
         ("postgresql://alice:s3cr3t@db:5432/app", "postgresql+psycopg://alice:***@db:5432/app"),
         ("postgres://alice:p%40ss@db/app", "postgresql+psycopg://alice:***@db/app"),
         ("postgresql+psycopg://alice@db/app", "postgresql+psycopg://alice@db/app"),
-        ("sqlite:///sagaq.db", "sqlite:///sagaq.db"),
+        ("postgresql://postgres:@/sagaq?host=/tmp/pg",
+         "postgresql+psycopg://postgres:***@/sagaq?host=%2Ftmp%2Fpg"),
         ("not a url", "<unparseable database URL>"),
     ],
 )
@@ -232,3 +234,14 @@ def test_an_approval_deadline_beyond_a_year_is_refused(raw: str) -> None:
     with pytest.raises(ConfigurationError, match="SAGAQ_APPROVAL_DEADLINE"):
         Settings.from_env({"SAGAQ_APPROVAL_DEADLINE": raw})
     assert Settings.from_env({"SAGAQ_APPROVAL_DEADLINE": "31536000"}).approval_deadline == 31536000
+
+
+@pytest.mark.parametrize("url", ["sqlite:///sagaq.db", "sqlite://", "sqlite+pysqlite:///x.db"])
+def test_a_sqlite_url_is_refused_naming_postgresql_and_the_embedded_one(url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_env({"SAGAQ_DATABASE_URL": url})
+    said = str(info.value)
+    assert said.startswith("SAGAQ_DATABASE_URL (or --database-url) is a SQLite URL; sagaq "
+                           "needs PostgreSQL: expected postgresql://USER[:PASSWORD]@HOST")
+    assert "leave it unset" in said and "pip install 'sagaq[embedded]'" in said
+    assert "\n" not in said
