@@ -242,7 +242,7 @@ class Engine:
                 next_run = self.new_run(saga.id, following[0], Direction.FORWARD, 1)
         outcome = self.store.succeed(
             saga.id, run.id, token=run.deliveries, result=result, checkpoint=checkpoint,
-            next_run=next_run, worker=worker, task_id=task_id,
+            next_run=next_run, worker=worker, task_id=task_id, saga_name=saga.name,
         )
         self.after(saga, outcome, Write.SUCCEED)
         return "succeeded" if outcome.won else f"lost ({outcome.note})"

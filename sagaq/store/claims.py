@@ -16,10 +16,11 @@ from typing import Any
 import sqlalchemy as sa
 
 from sagaq.machine import Direction, SagaState, StepStatus, next_state
-from sagaq.store.db import Database, run_compiled
+from sagaq.store.db import Database
 from sagaq.store.faults import Write
 from sagaq.store.models import EVENTS, OUTBOX, RUNS, SAGAS, UTCDateTime
 from sagaq.store.records import Claim, ClaimStatus, StepRunRecord
+from sagaq.store.sql import run_compiled
 from sagaq.store.timeline import EVENT_COLUMNS, Timeline, saga_record, step_run_record
 
 _FINAL_RUN = {StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.UNKNOWN}
@@ -146,6 +147,8 @@ def claim(
     saga = saga_record(_Row({c.name: m[f"saga__{c.name}"] for c in SAGAS.c}))
     if saga.state is SagaState.PENDING:
         saga = replace(saga, state=started)
+    if run.direction is Direction.FORWARD and run.attempt <= 1:
+        return Claim(ClaimStatus.CLAIMED, run, saga)  # nothing more to read
     with db.read() as conn:
         forward_result = None
         if run.direction is Direction.COMPENSATE:  # the result of the step it undoes

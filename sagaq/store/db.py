@@ -12,16 +12,13 @@ handed back as a :class:`~sagaq.store.records.Dispatch`, to publish after the co
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-import psycopg
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 from sqlalchemy.orm import Session
 
 from sagaq.kinds import Kind
@@ -185,34 +182,3 @@ class Database:
             return Outcome(True, tl.entered or saga.state, dispatches, entered=tl.entered)
 
         return self.retrying(attempt)
-
-
-# -- statements compiled once, run on the driver --------------------------------------------
-
-
-@functools.cache
-def compiled(build: Callable[[], Any]) -> tuple[str, dict[str, Any]]:
-    """The SQL of a statement built once, and the values of the literals it carries."""
-    dialect = pg_psycopg.dialect()  # type: ignore[no-untyped-call]
-    done = build().compile(dialect=dialect)
-    return str(done), dict(done.params)
-
-
-def run_compiled(conn: sa.Connection, build: Callable[[], Any], params: dict[str, Any]) -> Any:
-    """Execute a large statement, prepared, on the psycopg connection itself: building,
-    hashing and binding it through SQLAlchemy on every call would cost more than the round
-    trips it saves. Errors come back as SQLAlchemy's, so the retry (deadlocks, a dropped
-    connection) and the pool's invalidation work as usual."""
-    sql, defaults = compiled(build)
-    raw = conn.connection.driver_connection
-    assert isinstance(raw, psycopg.Connection)
-    try:
-        return raw.execute(sql, {**defaults, **params}, prepare=True)
-    except psycopg.Error as exc:
-        dbapi = conn.connection.dbapi_connection
-        gone = conn.dialect.is_disconnect(exc, dbapi, None)  # type: ignore[arg-type]
-        if gone:
-            conn.invalidate(exc)
-        raise sa.exc.DBAPIError.instance(
-            sql, params, exc, psycopg.Error, connection_invalidated=gone, dialect=conn.dialect
-        ) from exc

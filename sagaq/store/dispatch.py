@@ -20,10 +20,11 @@ from sagaq.keys import approval_id, idempotency_key
 from sagaq.kinds import Action, Kind
 from sagaq.ladder import Rung
 from sagaq.machine import Direction, SagaState, StepStatus
-from sagaq.store.db import Database, run_compiled
+from sagaq.store.db import Database
 from sagaq.store.lifecycle import add_rung, notify, transition
 from sagaq.store.models import APPROVALS, OUTBOX, RUNS, SAGAS, UTCDateTime
 from sagaq.store.records import Dispatch, NewRun, SagaRecord
+from sagaq.store.sql import run_compiled
 from sagaq.store.timeline import Timeline, approval_record
 
 _RUN_COLS = ["saga_id", "step", "step_index", "direction", "attempt", "status", "task_name",
@@ -88,7 +89,7 @@ def schedule(
     A delay longer than a Celery countdown should carry is never put in Redis: the saga
     moves to ``waiting`` with ``wake_at``, and the reconciler publishes when it is due.
     """
-    verdict = gate_verdict(db, conn, saga, new, tl)
+    verdict = gate_verdict(db, conn, saga.name, saga.id, new, tl)
     if verdict is not None and verdict.decision.value == "deny":
         rule = verdict.rule.id if verdict.rule else "?"
         return saga, denied(db, conn, saga, new, tl, f"denied by policy rule {rule}")
@@ -118,21 +119,21 @@ def schedule(
 
 
 def gate_verdict(
-    db: Database, conn: sa.Connection, saga: SagaRecord, new: NewRun, tl: Timeline
+    db: Database, conn: sa.Connection, name: str, saga_id: str, new: NewRun, tl: Timeline
 ) -> Any:
     """The verdict on this dispatch, written to the timeline; None when no policy."""
     gate = db.gate
     if gate is None or not gate.active:
         return None
     approvals = []
-    if gate.needs_approvals(saga.name, new.step, new.direction):
+    if gate.needs_approvals(name, new.step, new.direction):
         approvals = [
             approval_record(r) for r in conn.execute(
-                sa.select(APPROVALS).where(APPROVALS.c.saga_id == saga.id,
+                sa.select(APPROVALS).where(APPROVALS.c.saga_id == saga_id,
                                            APPROVALS.c.step == new.step)
             )
         ]
-    result = gate.check(saga.name, new.step, new.direction, approvals)
+    result = gate.check(name, new.step, new.direction, approvals)
     v = result.verdict
     prefix = "step" if new.direction is Direction.FORWARD else "compensation"
     detail = f"{result.decision.value}" + (f" by rule {v.rule_id}" if v.rule_id else "")

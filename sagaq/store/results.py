@@ -16,12 +16,14 @@ from psycopg.types.json import Jsonb
 
 from sagaq.ladder import Rung, Then
 from sagaq.machine import Direction, SagaState, StepStatus
-from sagaq.store.db import Database, Lost, run_compiled
+from sagaq.store.advance import advance
+from sagaq.store.db import Database, Lost
 from sagaq.store.dispatch import advance_rollback, schedule, start_rollback
 from sagaq.store.faults import Write
 from sagaq.store.lifecycle import add_rung, transition
 from sagaq.store.models import OUTBOX, RESOURCES, RUNS, Json, UTCDateTime
 from sagaq.store.records import Dispatch, NewRun, Outcome, SagaRecord, StepRunRecord
+from sagaq.store.sql import run_compiled
 from sagaq.store.timeline import Timeline, step_run_record
 
 
@@ -88,8 +90,19 @@ def succeed(
     task_id: str | None,
     expected: StepStatus = StepStatus.RUNNING,
     message: str = "",
+    saga_name: str | None = None,
 ) -> Outcome:
-    """Record a run's result, the checkpoint, and what comes next, in one transaction."""
+    """Record a run's result, the checkpoint, and what comes next, in one transaction.
+
+    A forward step's plain success while its saga runs (``saga_name`` given) is one
+    statement (:mod:`sagaq.store.advance`); any other outcome is decided here.
+    """
+    if (saga_name is not None and checkpoint is not None and expected is StepStatus.RUNNING
+            and not message):
+        done = advance(db, saga_id, run_id, name=saga_name, token=token, result=result,
+                       checkpoint=checkpoint, new=next_run, worker=worker, task_id=task_id)
+        if done is not None:
+            return done
 
     def op(conn: sa.Connection, saga: SagaRecord, tl: Timeline) -> list[Dispatch]:
         run = finish_run(conn, run_id, token, expected, StepStatus.SUCCEEDED, tl, message,

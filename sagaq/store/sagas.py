@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
@@ -11,6 +12,7 @@ from sqlalchemy.orm import Session
 from sagaq.errors import UnknownSagaError
 from sagaq.kinds import Action, Kind
 from sagaq.machine import Direction, SagaState
+from sagaq.store.advance import dispatchable, start
 from sagaq.store.db import Database
 from sagaq.store.dispatch import advance_rollback, schedule
 from sagaq.store.faults import Write
@@ -34,12 +36,24 @@ def create_saga(
 ) -> tuple[str, bool, list[Dispatch]]:
     """Write the saga, its first step run (through the gate), its events and its message.
 
+    A first step that goes out at once is one statement (:mod:`sagaq.store.advance`); one
+    that waits (a delay, an approval) or is denied, and a key already taken, are decided here.
+
     On its own connection, a connection the server dropped is retried (nothing was sent
     on it); in the caller's transaction, the caller decides.
     """
 
     def attempt() -> tuple[str, bool, list[Dispatch]]:
         now = db.clock()
+        tl = Timeline(saga_id, now)
+        tl.add("saga.enqueued", message=f"{name} enqueued", data={"version": version, "key": key})
+        if _on_psycopg(session) and dispatchable(db, name, saga_id, first, tl):
+            with db.write(Write.ENQUEUE, session=session, autocommit=session is None) as conn:
+                started = start(db, conn, saga_id=saga_id, name=name, version=version,
+                                        input=input, key=key, first=first, tl=tl)
+            if started is not None:
+                return saga_id, True, started
+            tl = Timeline(saga_id, now)  # the key is taken: below finds whose it is
         with db.write(Write.ENQUEUE, session=session) as conn:
             stmt = insert(SAGAS).values(
                 id=saga_id, name=name, version=version, state=SagaState.PENDING.value,
@@ -62,6 +76,13 @@ def create_saga(
         return saga_id, True, dispatches
 
     return attempt() if session is not None else db.retrying(attempt)
+
+
+def _on_psycopg(session: Session | None) -> bool:
+    """The one-statement start runs on psycopg 3 (a caller's session may use another driver)."""
+    if session is None:
+        return True
+    return isinstance(session.connection().connection.driver_connection, psycopg.Connection)
 
 
 def retry(db: Database, saga_id: str, *, by: str, note: str | None = None) -> Outcome:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from psycopg.types.json import Jsonb
 
 from sagaq.machine import Direction, SagaState, StepStatus
 from sagaq.store.models import EventModel
@@ -17,6 +19,7 @@ from sagaq.store.records import (
     SagaRecord,
     StepRunRecord,
 )
+from sagaq.store.sql import execute
 
 EVENT_COLUMNS = ["saga_id", "at", "kind", "step", "step_run_id", "worker", "task_id", "message",
                  "data"]
@@ -76,9 +79,28 @@ class Timeline:
         )
 
     def flush(self, conn: sa.Connection) -> None:
+        """All the events in one prepared statement, however many there are."""
         if self.rows:
-            conn.execute(sa.insert(EventModel), self.rows)
+            execute(conn, _INSERT_EVENTS, {"rows": as_jsonb(self.rows)})
             self.rows = []
+
+
+def as_jsonb(rows: list[dict[str, Any]]) -> Jsonb:
+    """Event rows as one JSON parameter (``jsonb_to_recordset`` turns it back into rows)."""
+    return Jsonb(rows, dumps=_dumps)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=lambda v: v.isoformat() if isinstance(v, datetime)
+                      else str(v))
+
+
+_INSERT_EVENTS = (
+    f"INSERT INTO {EventModel.__tablename__} ({', '.join(EVENT_COLUMNS)}) "
+    f"SELECT {', '.join(EVENT_COLUMNS)} FROM jsonb_to_recordset(%(rows)s::jsonb) AS t("
+    "saga_id varchar, at timestamptz, kind varchar, step varchar, step_run_id bigint, "
+    "worker varchar, task_id varchar, message text, data jsonb)"
+)
 
 
 def saga_record(row: Any) -> SagaRecord:
