@@ -169,9 +169,13 @@ def advance(
         with db.write(Write.SUCCEED, autocommit=True) as conn:
             return execute(conn, FINISH if new is None else ADVANCE, params).fetchone()
 
-    _, done, nxt = db.retrying(attempt)
+    state, done, nxt = db.retrying(attempt)
+    if done is None and state == SagaState.RUNNING.value:
+        # The saga runs, so the run's own guard lost: its attempt was taken over (a zombie),
+        # or its outcome is recorded already. Nothing was written; nothing more to do.
+        return Outcome(False, note=f"run {run_id} is no longer running under delivery {token}")
     if done is None:
-        return None
+        return None  # the saga moved on (a rollback, an operator): results decides
     if finished is not None:
         return Outcome(True, finished, [], entered=finished)
     assert new is not None

@@ -1,8 +1,8 @@
 """Tables: sagas, step runs, events (the timeline) and the outbox.
 
-Portable between PostgreSQL (production, tests) and SQLite (the embedded demo). The
-indexes that matter for correctness and cost are partial: one active step run per saga,
-and "active sagas" indexes that never touch finished rows.
+PostgreSQL only (the embedded demo runs one too). The indexes that matter for correctness
+and cost are partial: one active step run per saga, and "active sagas" indexes that never
+touch finished rows.
 """
 
 from __future__ import annotations
