@@ -9,18 +9,17 @@ nothing, :func:`not_claimed` reads why and records the dropped delivery.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import replace
 from typing import Any
 
 import sqlalchemy as sa
 
-from sagaq.machine import Direction, SagaState, StepStatus, next_state
+from sagaq.machine import SagaState, StepStatus, next_state
 from sagaq.store.db import Database
 from sagaq.store.faults import Write
-from sagaq.store.models import EVENTS, OUTBOX, RUNS, SAGAS, UTCDateTime
+from sagaq.store.models import EVENTS, OUTBOX, RUNS, SAGAS
 from sagaq.store.records import Claim, ClaimStatus, StepRunRecord
-from sagaq.store.sql import run_compiled
+from sagaq.store.sql import execute
 from sagaq.store.timeline import EVENT_COLUMNS, Timeline, saga_record, step_run_record
 
 _FINAL_RUN = {StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.UNKNOWN}
@@ -33,91 +32,46 @@ class _Row:
         self._mapping = mapping
 
 
-def _p(name: str, type_: Any = None) -> Any:
-    type_ = type_ if type_ is not None else sa.Text()
-    return sa.cast(sa.bindparam(name, type_=type_), type_)
+_SAGA_COLUMNS = ", ".join(f"s.{c.name} AS saga__{c.name}" for c in SAGAS.c)
+_NOW = "coalesce(%(clock)s, now())"  # the database's clock, unless a test set its own
 
-
-def _db_now() -> Any:
-    """The database's clock, unless the store runs on a test clock (``clock``)."""
-    return sa.func.coalesce(_p("clock", UTCDateTime()), sa.func.now())
-
-
-@functools.cache
-def _claim() -> sa.Select[Any]:
-    now = _p("now", UTCDateTime())
-    claimed = (
-        sa.update(RUNS)
-        .where(
-            RUNS.c.id == sa.bindparam("run_id"),
-            RUNS.c.saga_id == sa.bindparam("saga_id"),
-            RUNS.c.status == StepStatus.SCHEDULED.value,
-            SAGAS.c.id == RUNS.c.saga_id,
-            # an early or duplicate message while the saga waits in Postgres (a durable
-            # backoff, an approval, a rollback waiting for its compensation's backoff)
-            SAGAS.c.state != SagaState.WAITING.value,
-            SAGAS.c.state != SagaState.AWAITING_APPROVAL.value,
-            sa.or_(SAGAS.c.wake_at.is_(None), SAGAS.c.wake_at <= _db_now()),
-        )
-        .values(
-            status=StepStatus.RUNNING.value,
-            worker=sa.bindparam("worker"),
-            task_id=sa.bindparam("task_id"),
-            started_at=_db_now(),
-            lease_expires_at=_db_now() + sa.func.make_interval(
-                0, 0, 0, 0, 0, 0, sa.cast(sa.bindparam("lease"), sa.Float())),
-            deliveries=RUNS.c.deliveries + 1,
-        )
-        .returning(*RUNS.c, *(c.label(f"saga__{c.name}") for c in SAGAS.c))
-        .cte("claimed")
-    )
-    gone = sa.delete(OUTBOX).where(OUTBOX.c.step_run_id.in_(sa.select(claimed.c.id))).cte("gone")
-    started = (
-        sa.update(SAGAS)
-        .where(
-            SAGAS.c.id == sa.bindparam("saga_id"),
-            SAGAS.c.state == SagaState.PENDING.value,
-            sa.exists(sa.select(claimed.c.id)),
-        )
-        .values(state=sa.bindparam("started_state"), updated_at=now)
-        .returning(SAGAS.c.id)
-        .cte("started")
-    )
-    kind = sa.case(
-        (claimed.c.direction == Direction.FORWARD.value, "step.claimed"),
-        else_="compensation.claimed",
-    )
-    claim_event = sa.select(
-        claimed.c.saga_id, now, kind, claimed.c.step, claimed.c.id, _p("worker"),
-        _p("task_id"),
-        sa.func.concat(sa.literal("attempt "), claimed.c.attempt, sa.literal(", delivery "),
-                       claimed.c.deliveries),
-        sa.func.jsonb_build_object(sa.literal("attempt"), claimed.c.attempt,
-                                   sa.literal("level"), claimed.c.level, sa.literal("tier"),
-                                   claimed.c.tier),
-    )
-    start_event = sa.select(
-        started.c.id, now, _p("started_kind"), sa.null(), sa.null(), _p("worker"),
-        _p("task_id"), _p("started_message"),
-        sa.func.jsonb_build_object(sa.literal("from"), sa.literal("pending"), sa.literal("to"),
-                                   _p("started_state"), sa.literal("trigger"),
-                                   sa.literal("start")),
-    )
-    events = (
-        sa.insert(EVENTS)
-        .from_select(EVENT_COLUMNS, sa.union_all(start_event, claim_event),
-                     include_defaults=False)
-        .cte("events")
-    )
-    # "*": the column list again would push the statement past psycopg's 4 KB cache of
-    # parsed (and prepared) statements; psycopg returns aware datetimes and parsed JSON.
-    return (
-        sa.select(sa.literal_column("*"))
-        .select_from(claimed)
-        .add_cte(gone)
-        .add_cte(started)
-        .add_cte(events)
-    )
+# The run ``scheduled`` and its saga not held back (waiting, awaiting an approval, or a
+# rollback waiting for its next compensation's backoff): ``running`` under a lease, with
+# the attempt's token raised; its outbox row gone; a pending saga started; the events; and,
+# for a compensation, the result of the step it undoes.
+CLAIM = f"""
+WITH claimed AS (
+  UPDATE {RUNS.name} r SET status = 'running', worker = %(worker)s, task_id = %(task_id)s,
+    started_at = {_NOW}, lease_expires_at = {_NOW} + make_interval(secs => %(lease)s),
+    deliveries = r.deliveries + 1
+  FROM {SAGAS.name} s
+  WHERE r.id = %(run_id)s AND r.saga_id = %(saga_id)s AND r.status = 'scheduled'
+    AND s.id = r.saga_id AND s.state NOT IN ('waiting', 'awaiting_approval')
+    AND (s.wake_at IS NULL OR s.wake_at <= {_NOW})
+  RETURNING r.*, {_SAGA_COLUMNS}
+), gone AS (
+  DELETE FROM {OUTBOX.name} WHERE step_run_id IN (SELECT id FROM claimed)
+), started AS (
+  UPDATE {SAGAS.name} SET state = %(started_state)s, updated_at = %(now)s
+  WHERE id = %(saga_id)s AND state = 'pending' AND EXISTS (SELECT 1 FROM claimed)
+  RETURNING id
+), events AS (
+  INSERT INTO {EVENTS.name} ({", ".join(EVENT_COLUMNS)})
+  SELECT id, %(now)s, %(started_kind)s, NULL, NULL, %(worker)s, %(task_id)s,
+    %(started_message)s, jsonb_build_object('from', 'pending', 'to', %(started_state)s::text,
+    'trigger', 'start') FROM started
+  UNION ALL
+  SELECT saga_id, %(now)s, CASE WHEN direction = 'forward' THEN 'step.claimed'
+    ELSE 'compensation.claimed' END, step, id, %(worker)s, %(task_id)s,
+    'attempt ' || attempt || ', delivery ' || deliveries,
+    jsonb_build_object('attempt', attempt, 'level', level, 'tier', tier) FROM claimed
+)
+SELECT c.*, (
+  SELECT f.result FROM {RUNS.name} f
+  WHERE c.direction = 'compensate' AND f.saga_id = c.saga_id AND f.step = c.step
+    AND f.direction = 'forward' AND f.status IN ('succeeded', 'unknown')
+  ORDER BY f.id DESC LIMIT 1
+) AS forward_result FROM claimed c"""
 
 
 def claim(
@@ -129,7 +83,7 @@ def claim(
     def attempt() -> dict[str, Any] | None:
         now = db.clock()
         with db.write(Write.CLAIM, autocommit=True) as conn:
-            cur = run_compiled(conn, _claim, {
+            cur = execute(conn, CLAIM, {
                 "run_id": run_id, "saga_id": saga_id, "worker": worker, "task_id": task_id,
                 "now": now, "clock": now if db.fixed_clock else None, "lease": float(lease),
                 "started_state": started.value, "started_kind": f"saga.{started.value}",
@@ -147,26 +101,11 @@ def claim(
     saga = saga_record(_Row({c.name: m[f"saga__{c.name}"] for c in SAGAS.c}))
     if saga.state is SagaState.PENDING:
         saga = replace(saga, state=started)
-    if run.direction is Direction.FORWARD and run.attempt <= 1:
-        return Claim(ClaimStatus.CLAIMED, run, saga)  # nothing more to read
-    with db.read() as conn:
-        forward_result = None
-        if run.direction is Direction.COMPENSATE:  # the result of the step it undoes
-            forward_result = conn.execute(
-                sa.select(RUNS.c.result)
-                .where(
-                    RUNS.c.saga_id == saga.id,
-                    RUNS.c.step == run.step,
-                    RUNS.c.direction == Direction.FORWARD.value,
-                    RUNS.c.status.in_([StepStatus.SUCCEEDED.value, StepStatus.UNKNOWN.value]),
-                )
-                .order_by(RUNS.c.id.desc())
-                .limit(1)
-            ).scalar()
-        errors: tuple[str, ...] = ()
-        if run.attempt > 1:
+    errors: tuple[str, ...] = ()
+    if run.attempt > 1:  # earlier attempts' errors, for the step to read
+        with db.read() as conn:
             errors = tuple(r.error for r in _round(conn, run) if r.error)
-    return Claim(ClaimStatus.CLAIMED, run, saga, forward_result, errors)
+    return Claim(ClaimStatus.CLAIMED, run, saga, m["forward_result"], errors)
 
 
 def not_claimed(
