@@ -141,3 +141,32 @@ def test_a_run_guard_that_does_not_hold_loses_and_writes_nothing(
     assert not outcome.won and outcome.dispatches == []
     assert written(driver, saga_id) == before
     assert driver.store.get_saga_or_raise(saga_id).state is SagaState.RUNNING
+
+
+@pytest.mark.parametrize("first", ["dispatched", "delayed"])
+def test_enqueue_joins_a_caller_transaction_on_another_driver(
+    url: str, driver: Driver, first: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DESIGN §4.2: ``session=`` joins the application's transaction whatever its driver
+    (here psycopg2): the saga exists iff the caller commits, both ways it can start."""
+    pytest.importorskip("psycopg2")
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.orm import Session
+
+    app = sa.create_engine(make_url(url).set(drivername="postgresql+psycopg2"))
+    if first == "delayed":  # a first step that must wait takes the transactional way
+        monkeypatch.setattr(store_sagas, "dispatchable", lambda *a: False)
+    try:
+        ids = []
+        for commit in (False, True):
+            with Session(app) as session, session.begin():
+                ids.append(driver.engine.enqueue(sweep.three, {}, session=session))
+                if not commit:
+                    session.rollback()
+        rolled_back, committed = ids
+        assert driver.store.get_saga(rolled_back) is None
+        assert driver.store.get_saga_or_raise(committed).state is SagaState.PENDING
+        assert [e.kind for e in driver.store.events(committed)][-1] == "step.scheduled"
+        assert driver.store.count_outbox(committed) == 1
+    finally:
+        app.dispose()
