@@ -10,12 +10,17 @@ store's retry (deadlocks, a dropped connection) and the pool's invalidation work
 from __future__ import annotations
 
 import functools
+import json
+import re
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+from psycopg.types.json import Jsonb
 from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
+
+_PARAM = re.compile(r"%\((\w+)\)s")
 
 
 @functools.cache
@@ -28,14 +33,20 @@ def compiled(build: Callable[[], Any]) -> tuple[str, dict[str, Any]]:
 
 def run_compiled(conn: sa.Connection, build: Callable[[], Any], params: dict[str, Any]) -> Any:
     """Execute the statement ``build`` makes (once) with ``params``; the psycopg cursor."""
+    if not isinstance(conn.connection.driver_connection, psycopg.Connection):
+        return conn.execute(build(), {k: _plain(v) for k, v in params.items()})
     sql, defaults = compiled(build)
     return execute(conn, sql, {**defaults, **params})
 
 
 def execute(conn: sa.Connection, sql: str, params: dict[str, Any]) -> Any:
-    """Execute plain SQL, prepared, in ``conn``'s transaction; the psycopg cursor."""
+    """Execute plain SQL, prepared, in ``conn``'s transaction; the psycopg cursor.
+
+    A caller's own transaction (``enqueue(session=...)``) may run on another driver: there
+    the statement goes through SQLAlchemy, which speaks that driver's parameters."""
     raw = conn.connection.driver_connection
-    assert isinstance(raw, psycopg.Connection)
+    if not isinstance(raw, psycopg.Connection):
+        return _on_other_driver(conn, sql, params)
     try:
         return raw.execute(sql, params, prepare=True)
     except psycopg.Error as exc:
@@ -46,3 +57,16 @@ def execute(conn: sa.Connection, sql: str, params: dict[str, Any]) -> Any:
         raise sa.exc.DBAPIError.instance(
             sql, params, exc, psycopg.Error, connection_invalidated=gone, dialect=conn.dialect
         ) from exc
+
+
+def _on_other_driver(conn: sa.Connection, sql: str, params: dict[str, Any]) -> Any:
+    """``sql`` (psycopg's ``%(name)s`` style) on a connection of another driver."""
+    text = _PARAM.sub(r"(:\1)", sql).replace("%%", "%")  # "(:x)::jsonb": not ":x::"
+    values = {k: (v.dumps or json.dumps)(v.obj) if isinstance(v, Jsonb) else v
+              for k, v in params.items()}
+    return conn.execute(sa.text(text), values)
+
+
+def _plain(value: Any) -> Any:
+    """A psycopg JSON wrapper's value, for a SQLAlchemy JSON parameter."""
+    return value.obj if isinstance(value, Jsonb) else value
