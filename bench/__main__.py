@@ -1,4 +1,4 @@
-"""``python -m bench <command>``: chaos, throughput, enqueue, reconciler, mutation."""
+"""``python -m bench <command>``: chaos, throughput, enqueue, reconciler, mutation, store."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    commands = ("chaos", "throughput", "enqueue", "reconciler", "mutation")
+    commands = ("chaos", "throughput", "enqueue", "reconciler", "mutation", "store")
     if not argv or argv[0] not in commands:
         print(f"usage: python -m bench {{{','.join(commands)}}} [--help]", file=sys.stderr)
         return 2

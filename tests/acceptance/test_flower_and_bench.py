@@ -116,3 +116,12 @@ def test_enqueue_and_reconciler_quick_run() -> None:
     for r in reconciler["results"]:  # every sweep found its share of the active rows
         assert r["acted"]["woken"] == 200 and r["acted"]["expired"] == 400, r["acted"]
         assert r["acted"]["stalled"] == 200 and r["acted"]["republished"] == 200, r["acted"]
+
+
+@pytest.mark.usefixtures("pg_admin_url", "redis_base_url")  # the servers the bench uses
+def test_store_quick_times_each_case_against_the_floor() -> None:
+    out = _bench("store")
+    assert set(out["ms_per_step"]) == {"floor", "forward", "rollback"}
+    assert all(v > 0 for v in out["ms_per_step"].values())
+    assert out["forward_over_floor"] == pytest.approx(
+        out["ms_per_step"]["forward"] / out["ms_per_step"]["floor"], rel=0.01)
