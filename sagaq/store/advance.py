@@ -23,7 +23,7 @@ from psycopg.types.json import Jsonb
 
 from sagaq.machine import SagaState, next_state
 from sagaq.store.db import Database
-from sagaq.store.dispatch import gate_verdict
+from sagaq.store.dispatch import NEXT_RUN, gate_verdict, run_params
 from sagaq.store.faults import Write
 from sagaq.store.records import Dispatch, NewRun, Outcome
 from sagaq.store.sql import execute
@@ -36,22 +36,6 @@ EVENT_ROWS = (
 )
 EVENT_COLUMNS = "saga_id, at, kind, step, step_run_id, worker, task_id, message, data"
 
-# The next step's run and its outbox row, written from ``{source}`` (a CTE with ``saga_id``).
-NEXT_RUN = """
-nxt AS (
-  INSERT INTO sagaq_step_runs (saga_id, step, step_index, direction, attempt, status,
-    task_name, compensate_task, idempotency_key, message_id, deliveries, level, tier,
-    scheduled_at)
-  SELECT saga_id, %(step)s, %(step_index)s, %(direction)s, %(attempt)s, 'scheduled',
-    %(task_name)s, %(compensate_task)s, %(idempotency_key)s, %(message_id)s, 0, %(level)s,
-    %(tier)s, %(now)s FROM {source}
-  RETURNING id, saga_id
-), message AS (
-  INSERT INTO sagaq_outbox (saga_id, step_run_id, task_name, args, message_id,
-    available_at, created_at)
-  SELECT saga_id, id, %(task_name)s, jsonb_build_array(saga_id, id), %(message_id)s,
-    %(now)s, %(now)s FROM nxt
-)"""
 SCHEDULED_EVENT = """
   UNION ALL SELECT saga_id, %(now)s, 'step.scheduled', %(step)s, id, %(worker)s,
     %(task_id)s, %(reason)s, jsonb_build_object('attempt', %(attempt)s::int, 'delay', 0.0,
@@ -114,16 +98,6 @@ def dispatchable(db: Database, name: str, saga_id: str, new: NewRun, tl: Timelin
     return bool(verdict.decision.value == "allow")  # parked or denied: asked again there
 
 
-def _next_params(new: NewRun, message_id: str) -> dict[str, Any]:
-    return {
-        "step": new.step, "step_index": new.step_index, "direction": new.direction.value,
-        "attempt": new.attempt, "task_name": new.task_name,
-        "compensate_task": new.compensate_task, "idempotency_key": new.idempotency_key,
-        "message_id": message_id, "level": new.level, "tier": new.tier,
-        "reason": new.reason or f"attempt {new.attempt}",
-    }
-
-
 def start(
     db: Database, conn: sa.Connection, *, saga_id: str, name: str, version: str, input: Any,
     key: str | None, first: NewRun, tl: Timeline,
@@ -134,7 +108,7 @@ def start(
     run_id = execute(conn, ENQUEUE, {
         "saga_id": saga_id, "name": name, "version": version, "key": key,
         "input": Jsonb(input), "now": tl.now, "worker": None, "task_id": None,
-        "events": as_jsonb(tl.rows), **_next_params(first, message_id),
+        "events": as_jsonb(tl.rows), **run_params(first, message_id),
     }).fetchone()[0]
     if run_id is None:
         return None
@@ -162,7 +136,7 @@ def advance(
         params["finished_state"] = finished.value
     else:
         assert new is not None
-        params.update(_next_params(new, message_id))
+        params.update(run_params(new, message_id))
     params["events"] = as_jsonb(tl.rows)
 
     def attempt() -> Any:

@@ -25,13 +25,6 @@ from sagaq.store.timeline import EVENT_COLUMNS, Timeline, saga_record, step_run_
 _FINAL_RUN = {StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.UNKNOWN}
 
 
-class _Row:
-    """A dict dressed as a row, for the record builders."""
-
-    def __init__(self, mapping: dict[str, Any]) -> None:
-        self._mapping = mapping
-
-
 _SAGA_COLUMNS = ", ".join(f"s.{c.name} AS saga__{c.name}" for c in SAGAS.c)
 _NOW = "coalesce(%(clock)s, now())"  # the database's clock, unless a test set its own
 
@@ -97,8 +90,8 @@ def claim(
     m = db.retrying(attempt)
     if m is None:
         return db.retrying(lambda: not_claimed(db, saga_id, run_id, worker, task_id))
-    run = step_run_record(_Row({c.name: m[c.name] for c in RUNS.c}))
-    saga = saga_record(_Row({c.name: m[f"saga__{c.name}"] for c in SAGAS.c}))
+    run = step_run_record({c.name: m[c.name] for c in RUNS.c})
+    saga = saga_record({c.name: m[f"saga__{c.name}"] for c in SAGAS.c})
     if saga.state is SagaState.PENDING:
         saga = replace(saga, state=started)
     errors: tuple[str, ...] = ()
@@ -119,7 +112,7 @@ def not_claimed(
         ).first()
         if row is None:
             return Claim(ClaimStatus.MISSING)
-        run = step_run_record(_Row({c.name: row._mapping[c.name] for c in RUNS.c}))
+        run = step_run_record({c.name: row._mapping[c.name] for c in RUNS.c})
         unresolved = run.status is StepStatus.UNKNOWN and run.finished_at is None
         if run.status in _FINAL_RUN and not unresolved:
             status, why = ClaimStatus.FINISHED, f"run already {run.status.value}"

@@ -22,63 +22,51 @@ from sagaq.ladder import Rung
 from sagaq.machine import Direction, SagaState, StepStatus
 from sagaq.store.db import Database
 from sagaq.store.lifecycle import add_rung, notify, transition
-from sagaq.store.models import APPROVALS, OUTBOX, RUNS, SAGAS, UTCDateTime
+from sagaq.store.models import APPROVALS, OUTBOX, RUNS, SAGAS
 from sagaq.store.records import Dispatch, NewRun, SagaRecord
-from sagaq.store.sql import run_compiled
+from sagaq.store.sql import execute
 from sagaq.store.timeline import Timeline, approval_record
 
-_RUN_COLS = ["saga_id", "step", "step_index", "direction", "attempt", "status", "task_name",
-             "compensate_task", "idempotency_key", "message_id", "deliveries", "not_before",
-             "level", "tier", "scheduled_at"]
+# A scheduled run and its outbox row, written from ``{source}`` (a CTE or subquery with a
+# ``saga_id`` column): the one definition, used on its own (below) and inside the one-statement
+# start and advance (:mod:`sagaq.store.advance`). Due at ``not_before``, else now.
+NEXT_RUN = """
+nxt AS (
+  INSERT INTO sagaq_step_runs (saga_id, step, step_index, direction, attempt, status,
+    task_name, compensate_task, idempotency_key, message_id, deliveries, not_before, level,
+    tier, scheduled_at)
+  SELECT saga_id, %(step)s, %(step_index)s, %(direction)s, %(attempt)s, 'scheduled',
+    %(task_name)s, %(compensate_task)s, %(idempotency_key)s, %(message_id)s, 0,
+    %(not_before)s, %(level)s, %(tier)s, %(now)s FROM {source}
+  RETURNING id, saga_id
+), message AS (
+  INSERT INTO sagaq_outbox (saga_id, step_run_id, task_name, args, message_id,
+    available_at, created_at)
+  SELECT saga_id, id, %(task_name)s, jsonb_build_array(saga_id, id), %(message_id)s,
+    coalesce(%(not_before)s::timestamptz, %(now)s), %(now)s FROM nxt
+)"""
+
+INSERT_RUN = ("WITH src AS (SELECT %(saga_id)s::varchar AS saga_id), "
+              + NEXT_RUN.format(source="src").strip() + " SELECT id FROM nxt")
 
 
-def _p(name: str, type_: Any = None) -> Any:
-    """A bind parameter, cast to its type: ``INSERT … SELECT`` cannot infer one."""
-    type_ = type_ if type_ is not None else sa.Text()
-    return sa.cast(sa.bindparam(name, type_=type_), type_)
-
-
-@functools.cache
-def _insert_run() -> Any:
-    """A scheduled run and its outbox row, one statement: the run's id comes back."""
-    now = _p("now", UTCDateTime())
-    run = (
-        sa.insert(RUNS)
-        .from_select(_RUN_COLS, sa.select(
-            _p("saga_id"), _p("step"), _p("step_index", sa.Integer()), _p("direction"),
-            _p("attempt", sa.Integer()), sa.literal(StepStatus.SCHEDULED.value), _p("task_name"),
-            _p("compensate_task"),
-            _p("idempotency_key"), _p("message_id"), sa.literal(0),
-            _p("not_before", UTCDateTime()), _p("level", sa.Integer()), _p("tier"), now,
-        ), include_defaults=False)
-        .returning(RUNS.c.id, RUNS.c.saga_id)
-        .cte("run")
-    )
-    message = (
-        sa.insert(OUTBOX)
-        .from_select(
-            ["saga_id", "step_run_id", "task_name", "args", "message_id", "available_at",
-             "created_at"],
-            sa.select(run.c.saga_id, run.c.id, _p("task_name"),
-                      sa.func.jsonb_build_array(run.c.saga_id, run.c.id), _p("message_id"),
-                      sa.func.coalesce(_p("not_before", UTCDateTime()), now), now),
-            include_defaults=False,
-        )
-        .cte("message")
-    )
-    return sa.select(run.c.id).add_cte(message)
+def run_params(new: NewRun, message_id: str, not_before: Any = None) -> dict[str, Any]:
+    """The parameters of :data:`NEXT_RUN` for ``new``."""
+    return {
+        "step": new.step, "step_index": new.step_index, "direction": new.direction.value,
+        "attempt": new.attempt, "task_name": new.task_name,
+        "compensate_task": new.compensate_task, "idempotency_key": new.idempotency_key,
+        "message_id": message_id, "not_before": not_before, "level": new.level,
+        "tier": new.tier, "reason": new.reason or f"attempt {new.attempt}",
+    }
 
 
 def insert_run(conn: sa.Connection, saga_id: str, new: NewRun, tl: Timeline, *,
                not_before: Any = None, message_id: str | None = None) -> int:
     """Write a scheduled run with its outbox row, and return its id."""
-    return int(run_compiled(conn, _insert_run, {
-        "saga_id": saga_id, "step": new.step, "step_index": new.step_index,
-        "direction": new.direction.value, "attempt": new.attempt,
-        "task_name": new.task_name, "compensate_task": new.compensate_task,
-        "idempotency_key": new.idempotency_key, "message_id": message_id or str(uuid.uuid4()),
-        "not_before": not_before, "level": new.level, "tier": new.tier, "now": tl.now,
-    }).fetchone()[0])
+    params = run_params(new, message_id or str(uuid.uuid4()), not_before)
+    return int(execute(conn, INSERT_RUN, {**params, "saga_id": saga_id, "now": tl.now})
+               .fetchone()[0])
 
 
 def schedule(

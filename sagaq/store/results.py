@@ -27,16 +27,6 @@ from sagaq.store.sql import run_compiled
 from sagaq.store.timeline import Timeline, step_run_record
 
 
-class _Row:
-    def __init__(self, mapping: dict[str, Any]) -> None:
-        self._mapping = mapping
-
-
-def _p(name: str, type_: Any = None) -> Any:
-    type_ = type_ if type_ is not None else sa.Text()
-    return sa.cast(sa.bindparam(name, type_=type_), type_)
-
-
 @functools.cache
 def _finish_run() -> Any:
     """The attempt's outcome, guarded, and its outbox rows gone (a recovery message the lease
@@ -45,7 +35,8 @@ def _finish_run() -> Any:
         sa.update(RUNS)
         .where(RUNS.c.id == sa.bindparam("run_id"), RUNS.c.status == sa.bindparam("expected"),
                RUNS.c.deliveries == sa.bindparam("token"), RUNS.c.finished_at.is_(None))
-        .values(status=sa.bindparam("status"), finished_at=_p("now", UTCDateTime()),
+        .values(status=sa.bindparam("status"),
+                finished_at=sa.cast(sa.bindparam("now", type_=UTCDateTime()), UTCDateTime()),
                 lease_expires_at=None, result=sa.bindparam("result", type_=Json),
                 error=sa.bindparam("error"), error_type=sa.bindparam("error_type"),
                 failure=sa.bindparam("failure"))
@@ -72,7 +63,7 @@ def finish_run(
     row = cur.fetchone()
     if row is None:
         raise Lost(f"run {run_id} is no longer {expected.value} under delivery {token}")
-    run = step_run_record(_Row(dict(zip((d.name for d in cur.description), row, strict=True))))
+    run = step_run_record(dict(zip((d.name for d in cur.description), row, strict=True)))
     tl.run_event(run, status.value, message, data)
     return run
 

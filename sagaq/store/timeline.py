@@ -103,8 +103,13 @@ _INSERT_EVENTS = (
 )
 
 
+def _mapping(row: Any) -> Any:
+    """A row's columns by name: a SQLAlchemy row, or a mapping (a psycopg row, zipped)."""
+    return getattr(row, "_mapping", row)
+
+
 def saga_record(row: Any) -> SagaRecord:
-    m = row._mapping
+    m = _mapping(row)
     return SagaRecord(
         id=m["id"],
         name=m["name"],
@@ -123,7 +128,7 @@ def saga_record(row: Any) -> SagaRecord:
 
 
 def step_run_record(row: Any) -> StepRunRecord:
-    m = dict(row._mapping)
+    m = dict(_mapping(row))
     m["direction"] = Direction(m["direction"])
     m["status"] = StepStatus(m["status"])
     return StepRunRecord(**m)
